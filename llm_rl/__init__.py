@@ -1,0 +1,4 @@
+"""Text RL on the shared core: causal-LM policy, text tasks and rewards."""
+
+from llm_rl import rewards as _rewards  # noqa: F401  (registers the text rewards)
+from llm_rl.tasks import arithmetic as _arithmetic, jsonl as _jsonl  # noqa: F401  (register task schemas)

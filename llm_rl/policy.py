@@ -1,0 +1,216 @@
+"""Causal-LM policy over any `AutoModelForCausalLM`: rollout with `generate`, per-token log-probs.
+
+Sequences are laid out as [left-padded prompt | right-padded completion]; `mask` marks completion
+tokens up to and including the first EOS. Position ids are recomputed from the attention mask in
+every forward, exactly as `generate` does, so stored and recomputed log-probs agree.
+
+Log-probs are computed from the decoder's hidden states and the LM head chunk by chunk
+(`shared.logprobs.selective_log_probs`), only at completion positions, with logits divided by the
+sampling temperature (as the sampling distribution was).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig, LogitsProcessorList
+
+from shared.logprobs import selective_log_probs
+from shared.rollout import Rollout
+from shared.sampling import CounterSamplingProcessor
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers stay injected and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class LMForward(nn.Module):
+    """The trained module: forward(input_ids, attention_mask, mask) -> (logp [B,T], entropy [B,T]|None).
+
+    This module, not the bare HF model, is what `accelerate.prepare` wraps, so DDP/FSDP see the
+    real forward pass.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, with_entropy: bool = False):
+        hf = hf_model(self.model)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state
+        T = mask.shape[1]
+        h = hidden[:, -T - 1 : -1]  # hidden state at position p predicts token p+1
+        targets = input_ids[:, -T:]
+        sel = mask.bool()
+        head = hf.get_output_embeddings()
+        lp, ent = selective_log_probs(h[sel], head.weight, targets[sel], self.temperature, getattr(head, "bias", None),
+                                      self.chunk_size, with_entropy)
+        logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, lp)
+        entropy = None if ent is None else hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, ent)
+        return logp, entropy
+
+
+def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
+    """1 for tokens up to and including the first EOS (or all tokens when none), else 0."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+class CausalLMPolicy:
+    """Implements the Policy contract (shared/policy.py) for text."""
+
+    def __init__(self, model: nn.Module, tokenizer, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 max_new_tokens: int = 64, chunk_size: int = 1024, use_chat_template: bool = False,
+                 system_prompt: str | None = None):
+        self.tokenizer = tokenizer
+        self.module: nn.Module = LMForward(model, temperature, chunk_size)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.max_new_tokens = max_new_tokens
+        self.use_chat_template = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
+        self.system_prompt = system_prompt
+        self.unwrap = lambda m: m  # replaced by accelerator.unwrap_model once prepared
+        self._reference: nn.Module | None = None
+        eos = tokenizer.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    # ------------------------------------------------------------------ text <-> tokens
+    def format_prompt(self, prompt: str) -> str:
+        if not self.use_chat_template:
+            return prompt
+        msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        msgs.append({"role": "user", "content": prompt})
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def encode_prompts(self, prompts: list[str], device) -> dict[str, Tensor]:
+        enc = self.tokenizer([self.format_prompt(p) for p in prompts], return_tensors="pt", padding=True,
+                             padding_side="left", add_special_tokens=False)
+        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def encode_pairs(self, prompts: list[str], completions: list[str], device) -> tuple[dict[str, Tensor], Tensor]:
+        """Teacher-forcing batch for (prompt, completion) pairs; completions get EOS appended."""
+        p = self.encode_prompts(prompts, device)
+        eos = self.eos_ids[0]
+        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
+        T = max(len(x) for x in ids)
+        c = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
+        cm = torch.zeros((len(ids), T), dtype=torch.long)
+        for i, x in enumerate(ids):
+            c[i, : len(x)] = torch.tensor(x)
+            cm[i, : len(x)] = 1
+        c, cm = c.to(device), cm.to(device)
+        inputs = {"input_ids": torch.cat([p["input_ids"], c], 1), "attention_mask": torch.cat([p["attention_mask"], cm], 1)}
+        return inputs, cm
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None, first_sample_id: int = 0,
+                 max_new_tokens: int | None = None) -> tuple[dict[str, Tensor], Tensor, list[str], dict]:
+        """n completions per prompt. seed=None decodes greedily; otherwise counter-based sampling
+        with global sample ids first_sample_id, first_sample_id+1, ... (prompt-major)."""
+        model = hf_model(self.unwrap(self.module).model)
+        device = next(model.parameters()).device
+        p = self.encode_prompts(prompts, device)
+        p = {k: v.repeat_interleave(n, 0) for k, v in p.items()}
+        B, Lp = p["input_ids"].shape
+        procs = LogitsProcessorList()
+        if seed is not None:
+            ids = torch.arange(first_sample_id, first_sample_id + B, device=device)
+            procs.append(CounterSamplingProcessor(seed, ids, Lp, self.temperature, self.top_k, self.top_p))
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True)
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        out = model.generate(**p, generation_config=gen_cfg, logits_processor=procs)
+        dt = time.perf_counter() - t0
+        model.train(was_training)
+        comp = out[:, Lp:]
+        if comp.shape[1] == 0:
+            comp = torch.full((B, 1), self.pad_id, dtype=torch.long, device=device)
+        mask = completion_mask(comp, self.eos_ids)
+        comp = comp.masked_fill(mask == 0, self.pad_id)
+        texts = self.tokenizer.batch_decode(comp, skip_special_tokens=True)
+        lengths = mask.sum(-1)
+        ends_eos = torch.isin(comp, torch.tensor(self.eos_ids, device=device)).any(-1)
+        stats = {
+            "completion_len_mean": float(lengths.float().mean()),
+            "completion_len_max": float(lengths.max()),
+            "truncated_frac": float((~ends_eos).float().mean()),
+            "sample_tokens": float(lengths.sum()),
+            "sample_seconds": dt,
+        }
+        inputs = {"input_ids": torch.cat([p["input_ids"], comp], 1),
+                  "attention_mask": torch.cat([p["attention_mask"], mask], 1)}
+        return inputs, mask, texts, stats
+
+    def sample(self, rows: list[dict], n: int, seed: int, first_sample_id: int, first_group_id: int) -> Rollout:
+        inputs, mask, texts, stats = self.generate([r["prompt"] for r in rows], n, seed, first_sample_id)
+        group_ids = torch.arange(first_group_id, first_group_id + len(rows)).repeat_interleave(n)
+        rows_rep = [r for r in rows for _ in range(n)]
+        rows_rep = [dict(r, completion_length=int(l)) for r, l in zip(rows_rep, mask.sum(-1).tolist())]
+        return Rollout(inputs=inputs, mask=mask, group_ids=group_ids, completions=texts, rows=rows_rep, stats=stats)
+
+    def complete(self, rows: list[dict]) -> list[str]:
+        """Greedy completions, for evaluation."""
+        return self.generate([r["prompt"] for r in rows], n=1, seed=None)[2]
+
+    def demo_batch(self, rows: list[dict]) -> Rollout:
+        """Teacher-forcing batch of (prompt, completion) demonstrations for SFT."""
+        device = next(self.module.parameters()).device
+        inputs, mask = self.encode_pairs([r["prompt"] for r in rows], [r["completion"] for r in rows], device)
+        return Rollout(inputs=inputs, mask=mask, group_ids=torch.arange(len(rows)), rows=list(rows))
+
+    # ------------------------------------------------------------------ log-probs
+    def log_probs(self, batch: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-token log-probs under the trained module (gradients flow when enabled)."""
+        return self.module(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.mask, with_entropy)
+
+    @torch.no_grad()
+    def reference_log_probs(self, batch: Rollout) -> Tensor:
+        """Log-probs under the frozen reference: the base with the LoRA adapter disabled, or a copy."""
+        inner = self.unwrap(self.module)
+        if hasattr(inner.model, "disable_adapter"):
+            ctx = inner.model.disable_adapter()
+            with ctx:
+                return inner(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.mask)[0]
+        if self._reference is None:
+            raise RuntimeError("reference requested but not built: call build_reference() before training")
+        return self._reference(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.mask)[0]
+
+    def build_reference(self) -> None:
+        """Freeze a copy of the current weights as the reference (not needed with LoRA)."""
+        inner = self.unwrap(self.module)
+        if hasattr(inner.model, "disable_adapter"):
+            return
+        ref = copy.deepcopy(inner)
+        ref.requires_grad_(False).eval()
+        self._reference = ref
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def save_pretrained(self, path) -> None:
+        model = self.unwrap(self.module).model
+        model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)

@@ -1,0 +1,100 @@
+"""Builds the text-RL components from a config: task, model + tokenizer, warm-up, LoRA, rewards."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llm_rl.policy import CausalLMPolicy
+from llm_rl.tasks.arithmetic import ArithmeticTask, ArithmeticTaskConfig, build_model, build_tokenizer
+from llm_rl.tasks.jsonl import JsonlTask, JsonlTaskConfig
+from shared.checkpoint import load_hf_weights
+from shared.config import ConfigError, RunConfig
+from shared.recipe import Components
+from shared.rewards import CombinedReward
+from shared.sft import cached_warmup_dir, run_sft, save_warmup
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_task(cfg: RunConfig):
+    tcfg = cfg.task_config()
+    if isinstance(tcfg, ArithmeticTaskConfig):
+        return ArithmeticTask(tcfg)
+    if isinstance(tcfg, JsonlTaskConfig):
+        return JsonlTask(tcfg)
+    raise ConfigError(f"task.name: {cfg.task['name']!r} is not a text task")
+
+
+def load_model(cfg: RunConfig):
+    """(model, tokenizer): the task's embedded tiny model, or a checkpoint by local path / hub id."""
+    m = cfg.model
+    if m.name_or_path == "embedded":
+        tcfg = cfg.task_config()
+        if not isinstance(tcfg, ArithmeticTaskConfig):
+            raise ConfigError("model.name_or_path: 'embedded' is only defined for task 'arithmetic'; give a path or hub id")
+        tok = build_tokenizer()
+        model = build_model(tcfg, tok)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=DTYPES[m.dtype], attn_implementation=m.attention,
+                                                         trust_remote_code=m.trust_remote_code)
+        except OSError as e:
+            raise ConfigError(f"model.name_or_path: cannot load {m.name_or_path!r}: {str(e).splitlines()[0]}") from None
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    model.config.use_cache = True
+    if m.attention != "sdpa" and m.name_or_path == "embedded":
+        model.set_attn_implementation(m.attention)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(DTYPES[m.dtype]), tok
+
+
+def make_policy(model, tok, cfg: RunConfig) -> CausalLMPolicy:
+    tcfg = cfg.task_config()
+    return CausalLMPolicy(
+        model, tok, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens, chunk_size=cfg.model.logprob_chunk_size,
+        use_chat_template=getattr(tcfg, "use_chat_template", False), system_prompt=getattr(tcfg, "system_prompt", None),
+    )
+
+
+def apply_lora(model, cfg: RunConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.model.lora
+    return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                            target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+
+
+def build(cfg: RunConfig, accelerator) -> Components:
+    task = make_task(cfg)
+    model, tok = load_model(cfg)
+    model.to(accelerator.device)
+    info: dict = {}
+    if cfg.warmup.enabled:
+        cache = cached_warmup_dir(cfg)
+        if not (cache / "warmup.json").exists():
+            if accelerator.is_main_process:
+                policy = make_policy(model, tok, cfg)
+                record = run_sft(policy, task, cfg.warmup, cfg.seed, log=accelerator.print)
+                save_warmup(policy, record, cache)
+            accelerator.wait_for_everyone()
+        load_hf_weights(model, cache)
+        record = json.loads((cache / "warmup.json").read_text())
+        info["warmup"] = {k: v for k, v in record.items() if k != "history"} | {"cache": str(cache)}
+    if cfg.model.lora is not None:
+        model = apply_lora(model, cfg)
+    policy = make_policy(model, tok, cfg)
+    try:
+        reward = CombinedReward.from_specs(cfg.rewards)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not reward.components:
+        raise ConfigError("rewards: at least one reward is required for RL")
+    return Components(policy=policy, task=task, reward=reward, info=info)

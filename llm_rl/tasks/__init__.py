@@ -1,0 +1,1 @@
+"""Text tasks: the embedded arithmetic task and jsonl files of (prompt, answer)."""

@@ -1,0 +1,1 @@
+"""rlft's core: config, rollout, rewards, advantages, objectives, the RL loop, checkpoints, logging."""

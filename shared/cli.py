@@ -1,0 +1,112 @@
+"""`rlft` command line.
+
+    rlft train CONFIG [key.sub=value ...]            RL (after the configured SFT warm-up); resume=true continues
+    rlft eval CONFIG checkpoint=PATH [key=value ...]  held-out metric of a checkpoint -> eval.json
+    rlft validate CONFIG [key=value ...]             check a config and print it resolved
+
+A bad config, a missing file or a malformed data row is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from shared.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix (printed as one line, exit code 2)."""
+
+
+def _split_special(overrides: list[str], special: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    rest, found = [], {}
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key in special and "=" in o:
+            found[key] = o.split("=", 1)[1]
+        else:
+            rest.append(o)
+    return rest, found
+
+
+def cmd_train(args) -> int:
+    overrides, special = _split_special(args.overrides, ("resume",))
+    if "resume" in special:
+        overrides.append(f"checkpoint.resume={special['resume']}")
+    cfg = load_config(args.config, overrides)
+    from shared.loop import train
+
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    overrides, special = _split_special(args.overrides, ("checkpoint",))
+    cfg = load_config(args.config, overrides)
+    from shared.evaluate import evaluate
+    from shared.loop import make_accelerator
+    from shared.recipe import build_components
+
+    ckpt = Path(special["checkpoint"]) if "checkpoint" in special else None
+    if ckpt is not None:
+        if not ckpt.exists():
+            raise UserError(f"checkpoint={ckpt}: no such directory")
+        cfg.warmup.enabled = False  # the checkpoint's weights replace any warm start
+    acc = make_accelerator(cfg)
+    comps = build_components(cfg, acc)
+    if ckpt is not None:
+        from shared.checkpoint import load_hf_weights
+
+        load_hf_weights(comps.policy.module.model, ckpt / "model" if (ckpt / "model").is_dir() else ckpt)
+    result = evaluate(comps.policy, comps.task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
+    out_dir = ckpt if ckpt is not None else cfg.run_dir
+    out = {"metric": comps.task.metric, "value": result[comps.task.metric], "n": result["n"],
+           "checkpoint": str(ckpt) if ckpt else None, "config": str(args.config)}
+    if acc.is_main_process:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "eval.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlft", description="Reinforcement-learning fine-tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("train", cmd_train, "run RL from a config"),
+                            ("eval", cmd_eval, "evaluate a checkpoint on the held-out split"),
+                            ("validate", cmd_validate, "check a config and print it resolved")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        p.set_defaults(fn=fn)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("RLFT_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except (ConfigError, UserError) as e:
+        print(f"rlft: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError) as e:
+        # data problems raised while building the task carry their own file:line context
+        print(f"rlft: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""Typed, strict run configuration.
+
+A run is described by one YAML file validated against the pydantic models below. A file may name
+a base with ``extends: <path relative to the file>``; mappings merge key by key, the child winning.
+Command-line overrides ``key.sub=value`` (value parsed as YAML) apply last.
+
+Every error is a :class:`ConfigError` whose message is one line naming the file, the dotted key
+and, for a misspelt key, the closest valid one. The CLI prints it and exits with code 2.
+
+Task sections differ per task, so ``task`` is validated against the schema its ``name`` registers
+in :data:`TASK_SCHEMAS` (domain packages register theirs on import).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections shared by every domain
+# --------------------------------------------------------------------------------------------
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names (or 'all-linear') that receive adapters",
+    )
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(
+        "embedded",
+        description="local path or hub id of a checkpoint; 'embedded' builds the task's tiny model in-process",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weight dtype at load time")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention implementation passed to transformers"
+    )
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of all weights")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    logprob_chunk_size: int = Field(
+        1024, gt=0, description="completion tokens per chunk when computing log-probs from hidden states"
+    )
+    trust_remote_code: bool = False
+
+
+class WarmupConfig(Strict):
+    """Supervised warm-up (SFT) of the initial policy before RL, cached by content hash."""
+
+    enabled: bool = Field(False, description="run the SFT warm-up before RL")
+    max_steps: int = Field(2000, ge=0, description="upper bound on SFT optimizer steps")
+    batch_size: int = Field(64, gt=0, description="demonstrations per SFT step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    eval_every: int = Field(100, gt=0, description="steps between held-out evaluations")
+    patience: int = Field(4, gt=0, description="stop after this many evaluations without improvement")
+    cache_dir: str = Field("runs/.cache/sft", description="where warm-started weights are cached")
+
+
+class RolloutConfig(Strict):
+    prompts_per_step: int = Field(16, gt=0, description="prompts per RL step, all processes together")
+    samples_per_prompt: int = Field(8, gt=0, description="completions per prompt (the group size G)")
+    max_new_tokens: int = Field(64, gt=0, description="completion length limit in tokens")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    backend: Literal["hf"] = Field("hf", description="generation backend")
+
+
+class AlgorithmConfig(Strict):
+    """The policy-gradient family of METHODS.md part A; every default is stated here."""
+
+    objective: str = Field("ppo_clip", description="objective name in shared.objectives.OBJECTIVES")
+    advantage: Literal["grpo", "dr_grpo", "batch_std", "rloo", "none"] = Field(
+        "grpo", description="advantage estimator (table in shared/advantages.py)"
+    )
+    adv_eps: float = Field(1e-6, ge=0, description="added to the std in std-normalised advantages")
+    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 disables the reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator")
+    kl_placement: Literal["loss", "reward"] = Field("loss", description="KL in the loss or subtracted from the reward")
+    kl_clamp: float = Field(10.0, gt=0, description="clamp of the log-ratio inside the KL estimator")
+    eps_low: float = Field(0.2, ge=0, description="PPO clip range below 1")
+    eps_high: float = Field(0.2, ge=0, description="PPO clip range above 1 (DAPO clip-higher: 0.28)")
+    dual_clip: float | None = Field(None, gt=1, description="dual-clip constant c for A<0 (3.0 in the paper)")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="'sequence' is GSPO")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="loss aggregation (table in shared/aggregation.py)"
+    )
+    loss_agg_norm_len: int | None = Field(
+        None, gt=0, description="L_const of seq_mean_token_sum_norm; defaults to rollout.max_new_tokens"
+    )
+    epochs: int = Field(1, gt=0, description="passes over each rollout batch (PPO epochs, mu)")
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear LR warm-up")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="global gradient-norm clip; null disables")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, gt=0, description="RL steps (rollouts); each gives one or more optimizer steps")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per device per forward pass")
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per device per optimizer step")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class RewardSpec(Strict):
+    name: str = Field(description="reward name in the domain's reward registry")
+    weight: float = 1.0
+    failure_value: float = Field(0.0, description="score for outputs the reward cannot evaluate")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of the reward factory")
+
+
+class EvalConfig(Strict):
+    every: int = Field(0, ge=0, description="RL steps between held-out evaluations; 0: only before and after")
+    max_prompts: int = Field(256, gt=0, description="held-out prompts evaluated")
+    batch_size: int = Field(64, gt=0)
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(0, ge=0, description="RL steps between checkpoints; 0: only the final one")
+    keep_last: int = Field(2, gt=0)
+    resume: bool = Field(False, description="continue from the newest checkpoint in the run directory")
+
+
+class LoggingConfig(Strict):
+    every: int = Field(1, gt=0)
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+
+
+class RunConfig(Strict):
+    name: str = Field(description="run name: outputs go to <output_dir>/<name>/")
+    domain: Literal["llm", "vision", "diffusion"]
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: dict[str, Any] = Field(description="task section, validated by the task's own schema")
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _objective_known(self) -> "RunConfig":
+        from shared.objectives import OBJECTIVES
+
+        if self.algorithm.objective not in OBJECTIVES:
+            raise ValueError(
+                f"algorithm.objective: unknown objective {self.algorithm.objective!r}"
+                + _suggest(self.algorithm.objective, OBJECTIVES)
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def norm_len(self) -> int:
+        return self.algorithm.loss_agg_norm_len or self.rollout.max_new_tokens
+
+    def task_config(self) -> BaseModel:
+        """The task section as its registered schema (validated at load time)."""
+        return TASK_SCHEMAS[self.task["name"]].model_validate(self.task)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch geometry
+# --------------------------------------------------------------------------------------------
+
+
+def optimizer_steps_per_rollout(cfg: RunConfig, num_processes: int) -> int:
+    """How many optimizer steps one rollout batch gives, or a ConfigError explaining the mismatch.
+
+    A rollout holds prompts_per_step * samples_per_prompt sequences, split evenly over processes by
+    prompt (groups never straddle processes). Each optimizer step consumes micro_batch_size *
+    grad_accum_steps sequences per process.
+    """
+    r, t = cfg.rollout, cfg.train
+    if r.prompts_per_step % num_processes:
+        raise ConfigError(
+            f"rollout.prompts_per_step={r.prompts_per_step} must be divisible by the number of processes "
+            f"({num_processes}) so every process holds whole groups"
+        )
+    per_process = r.prompts_per_step // num_processes * r.samples_per_prompt
+    per_step = t.micro_batch_size * t.grad_accum_steps
+    if per_process % per_step:
+        raise ConfigError(
+            f"each process holds {per_process} sequences per rollout (prompts_per_step/processes * "
+            f"samples_per_prompt) which is not a multiple of train.micro_batch_size * train.grad_accum_steps "
+            f"= {per_step}; change one so the rollout splits into whole optimizer steps"
+        )
+    return per_process // per_step
+
+
+# --------------------------------------------------------------------------------------------
+# Task schemas (domain packages register theirs)
+# --------------------------------------------------------------------------------------------
+
+TASK_SCHEMAS: dict[str, type[BaseModel]] = {}
+
+
+def register_task_schema(name: str):
+    def deco(cls: type[BaseModel]) -> type[BaseModel]:
+        TASK_SCHEMAS[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_domain_packages() -> None:
+    # Importing a domain package registers its task schemas, rewards and objectives.
+    import diffusion_rl  # noqa: F401
+    import llm_rl  # noqa: F401
+    import vision_rl  # noqa: F401
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle: " + " -> ".join(str(p) for p in (*seen, path)))
+    if not path.is_file():
+        where = f" (extended by {seen[-1]})" if seen else ""
+        raise ConfigError(f"{path}: config file not found{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{at} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    bases = [base] if isinstance(base, str) else base
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = _merge(merged, _read_yaml(path.parent / b, (*seen, path)))
+    return _merge(merged, data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a','b','c'], parsed value). The value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(p.isidentifier() for p in parts):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = _merge({}, data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {p!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _model_for_path(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (for suggesting the closest key)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        cands = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not cands:
+            return None
+        model = cands[0]
+    return model
+
+
+def _format_error(source: str, err: ValidationError, schema: type[BaseModel], prefix: str = "") -> ConfigError:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = prefix + ".".join(str(x) for x in loc)
+    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    if e["type"] == "extra_forbidden":
+        owner = _model_for_path(schema, loc)
+        hint = _suggest(loc[-1], owner.model_fields) if owner else ""
+        return ConfigError(f"{source}: unknown key '{key}'{hint}{more}")
+    if e["type"] == "missing":
+        return ConfigError(f"{source}: missing required key '{key}'{more}")
+    if e["type"] == "value_error" and not loc:  # a model-level check that names its own key
+        return ConfigError(f"{source}: {e['msg'].removeprefix('Value error, ')}{more}")
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return ConfigError(f"{source}: '{key}': {msg}{got_s}{more}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, merge, override and validate a run config. Raises ConfigError (one line) on any problem."""
+    _load_domain_packages()
+    path = Path(path)
+    data = apply_overrides(_read_yaml(path), overrides or [])
+    source = str(path) + (" (with overrides)" if overrides else "")
+    return validate_config(data, source)
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    _load_domain_packages()
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise _format_error(source, err, RunConfig) from None
+    name = cfg.task.get("name")
+    if name not in TASK_SCHEMAS:
+        raise ConfigError(f"{source}: 'task.name': unknown task {name!r}{_suggest(name, TASK_SCHEMAS)}; "
+                          f"known: {', '.join(sorted(TASK_SCHEMAS))}")
+    try:
+        task = TASK_SCHEMAS[name].model_validate(cfg.task)
+    except ValidationError as err:
+        raise _format_error(source, err, TASK_SCHEMAS[name], prefix="task.") from None
+    cfg.task = task.model_dump()
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def _check_consistency(cfg: RunConfig, source: str) -> None:
+    a, r = cfg.algorithm, cfg.rollout
+    if a.advantage in ("grpo", "dr_grpo", "rloo") and r.samples_per_prompt < 2:
+        raise ConfigError(
+            f"{source}: algorithm.advantage={a.advantage!r} compares samples within a group, so "
+            f"rollout.samples_per_prompt must be at least 2 (got {r.samples_per_prompt})"
+        )
+    if a.kl_placement == "reward" and a.beta == 0:
+        raise ConfigError(f"{source}: algorithm.kl_placement='reward' has no effect with algorithm.beta=0")
+    if not math.isfinite(cfg.optim.lr):
+        raise ConfigError(f"{source}: optim.lr must be finite")
+    # Single-process geometry is checked here; the launcher re-checks with the real process count.
+    try:
+        optimizer_steps_per_rollout(cfg, 1)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

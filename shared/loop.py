@@ -1,0 +1,245 @@
+"""The online RL loop shared by every domain, written out top to bottom.
+
+    prompts -> policy.sample -> rewards -> advantages -> (reference / old log-probs)
+            -> for each optimizer step: micro-batches -> objective -> backward -> clip -> step
+            -> metrics -> eval / checkpoint
+
+Domain packages provide the pieces (`shared.recipe.Components`): a policy, a task, and a combined
+reward. Everything about the update (objective, advantage, aggregation, KL) comes from
+`cfg.algorithm` and the pure functions in shared/.
+
+Distribution goes through `accelerate`: prompts are split across processes by whole groups; the
+rewards of all processes are gathered so advantages are computed on the global batch; every
+loss share is normalised by counts of the whole optimizer step on all processes (shared/aggregation),
+so 1 process and N processes take the same optimizer step for the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from shared.advantages import compute_advantages, zero_std_group_fraction
+from shared.aggregation import StepNorm
+from shared.checkpoint import latest_checkpoint, load_hf_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from shared.config import RunConfig, dump_config, optimizer_steps_per_rollout
+from shared.evaluate import evaluate
+from shared.kl import kl_penalty
+from shared.objectives import OBJECTIVES
+from shared.recipe import build_components
+from shared.rollout import Rollout
+from shared.sampler import UniformSampler
+from shared.tracking import RunLogger, plot_metrics
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision if not cpu else "no")
+
+
+def global_step_norm(masks: list[torch.Tensor], norm_len: float, accelerator: Accelerator) -> StepNorm:
+    """Token and sequence counts of one optimizer step over all its micro-batches and processes."""
+    local = torch.tensor([sum(float(m.sum()) for m in masks), sum(float((m.sum(-1) > 0).sum()) for m in masks)],
+                         dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum")
+    return StepNorm(float(total[0]), float(total[1]), float(norm_len))
+
+
+def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
+    """Run RL from the config; returns the summary written to runs/<name>/summary.json."""
+    acc = accelerator or make_accelerator(cfg)
+    t_start = time.time()
+    set_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    steps_per_rollout = optimizer_steps_per_rollout(cfg, acc.num_processes)
+    a, r, t = cfg.algorithm, cfg.rollout, cfg.train
+
+    comps = build_components(cfg, acc)  # policy (warm-started if configured), task, reward
+    policy, task, reward_fn = comps.policy, comps.task, comps.reward
+    if a.beta > 0:
+        policy.build_reference()
+    objective = OBJECTIVES[a.objective]
+    sampler = UniformSampler(len(task.split("train")), r.prompts_per_step, seed=cfg.seed)
+    train_rows = task.split("train")
+
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    total_opt_steps = t.steps * steps_per_rollout * a.epochs
+    scheduler = get_scheduler(
+        {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.optim.schedule],
+        optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=total_opt_steps)
+    policy.module, optimizer, scheduler = acc.prepare(policy.module, optimizer, scheduler)
+    policy.unwrap = acc.unwrap_model
+
+    # ---------------------------------------------------------------- resume or start
+    start_step, state = 0, {}
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.checkpoint.resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+        load_hf_weights(acc.unwrap_model(policy.module).model, last / "model")
+        state = load_trainer_state(last)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        acc.print(f"resumed from {last} at step {start_step}")
+    if acc.is_main_process:
+        dump_config(cfg, run_dir / "config.yaml")
+    before = state.get("before")
+    if before is None:
+        before = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
+    logger = RunLogger(run_dir, t.steps, start_step, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
+                       progress=cfg.logging.progress)
+    if start_step == 0:
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+
+    P_local = r.prompts_per_step // acc.num_processes
+    G = r.samples_per_prompt
+    needs_old_logp = steps_per_rollout > 1 or a.epochs > 1
+    last_eval = before
+    for step in range(start_step + 1, t.steps + 1):
+        t_step = time.perf_counter()
+        # 1. prompts: every process draws the same global batch and keeps its slice of whole groups
+        idx = sampler.next_batch()
+        lo = acc.process_index * P_local
+        local_rows = [train_rows[i] for i in idx[lo : lo + P_local]]
+        first_group = (step - 1) * r.prompts_per_step + lo
+        rollout: Rollout = policy.sample(local_rows, G, seed=cfg.seed, first_sample_id=first_group * G,
+                                         first_group_id=first_group)
+        sample_stats = {k: v for k, v in rollout.stats.items()}
+
+        # 2. rewards: each component scored and logged; failures isolated inside reward_fn
+        res = reward_fn(rollout.completions, rollout.fields())
+        rewards = res.total.to(acc.device)
+
+        # 3. reference log-probs (no grad); KL-in-reward shapes the reward before advantages
+        if a.beta > 0:
+            rollout.ref_logp = policy.reference_log_probs(rollout)
+            if a.kl_placement == "reward":
+                lp_now, _ = _no_grad_logp(policy, rollout)
+                kl_seq = (kl_penalty(lp_now, rollout.ref_logp, "k1", a.kl_clamp) * rollout.mask).sum(-1)
+                rewards = rewards - a.beta * kl_seq.to(rewards.device)
+
+        # 4. advantages on the global batch (groups are whole on each process)
+        all_rewards = acc.gather(rewards)
+        all_groups = acc.gather(rollout.group_ids.to(acc.device))
+        adv_all = compute_advantages(a.advantage, all_rewards.double(), all_groups, a.adv_eps).float()
+        n_local = len(rollout)
+        rollout.advantages = adv_all[acc.process_index * n_local : (acc.process_index + 1) * n_local]
+        rollout.rewards = rewards
+        if needs_old_logp:
+            rollout.old_logp, _ = _no_grad_logp(policy, rollout)
+
+        # 5. updates: epochs x optimizer steps x micro-batches, gradients accumulated by hand
+        per_opt = t.micro_batch_size * t.grad_accum_steps
+        sums: dict[str, float] = {}
+        grad_norms = []
+        t_train = time.perf_counter()
+        for _epoch in range(a.epochs):
+            for s in range(steps_per_rollout):
+                chunk = rollout.select(slice(s * per_opt, (s + 1) * per_opt))
+                micro = [chunk.select(slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size))
+                         for m in range(t.grad_accum_steps)]
+                norm = global_step_norm([mb.mask for mb in micro], cfg.norm_len, acc)
+                for m, mb in enumerate(micro):
+                    sync = m == len(micro) - 1
+                    ctx = contextlib.nullcontext() if sync else acc.no_sync(policy.module)
+                    with ctx:
+                        logp, entropy = policy.log_probs(mb, with_entropy=True)
+                        old = mb.old_logp if mb.old_logp is not None else logp.detach()
+                        loss, metrics = objective(logp, old, mb.ref_logp, mb.advantages, mb.mask, a, norm,
+                                                  group_ids=mb.group_ids, rewards=mb.rewards)
+                        # DDP averages gradients over processes; the loss shares are global sums.
+                        acc.backward(loss * acc.num_processes)
+                    metrics["loss"] = loss.detach()
+                    if entropy is not None:
+                        metrics["entropy"] = (entropy * mb.mask).sum() / max(norm.num_tokens, 1.0)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / (a.epochs * steps_per_rollout)
+                if cfg.optim.max_grad_norm is not None:
+                    gn = acc.clip_grad_norm_(policy.trainable_parameters(), cfg.optim.max_grad_norm)
+                    grad_norms.append(float(gn))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        train_seconds = time.perf_counter() - t_train
+
+        # 6. metrics (objective metrics are summed over processes: each is a share of a global mean)
+        reduced = acc.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=acc.device), "sum")
+        metrics_out = dict(zip(sums.keys(), reduced.tolist()))
+        comp = {f"reward/{k}": float(acc.gather(v.to(acc.device)).mean()) for k, v in res.components.items()}
+        fails = acc.reduce(torch.tensor([float(v) for v in res.failures.values()], device=acc.device), "sum")
+        comp.update({f"reward_failures/{k}": float(f) for k, f in zip(res.failures, fails.tolist())})
+        tokens = float(acc.reduce(torch.tensor(sample_stats["sample_tokens"], device=acc.device), "sum"))
+        metrics_out.update(comp)
+        metrics_out.update({
+            "reward/total": float(all_rewards.mean()),
+            "reward/std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
+            "zero_adv_group_frac": zero_std_group_fraction(all_rewards.cpu(), all_groups.cpu()),
+            "completion_len_mean": sample_stats["completion_len_mean"],
+            "completion_len_max": sample_stats["completion_len_max"],
+            "truncated_frac": sample_stats["truncated_frac"],
+            "tokens_per_s/sample": tokens / max(sample_stats["sample_seconds"], 1e-9),
+            "tokens_per_s/train": float(acc.reduce(rollout.mask.sum().double().to(acc.device), "sum")) * a.epochs
+            / max(train_seconds, 1e-9),
+            "lr": scheduler.get_last_lr()[0],
+            "step_seconds": time.perf_counter() - t_step,
+        })
+        if grad_norms:
+            metrics_out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        sampler.update(idx, {"rewards": all_rewards.cpu()})
+
+        # 7. periodic evaluation and checkpoint
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps:
+            last_eval = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
+            metrics_out.update({f"eval/{k}": v for k, v in last_eval.items()})
+        logger.log(step, metrics_out)
+        if not math.isfinite(metrics_out.get("loss", 0.0)):
+            raise FloatingPointError(f"step {step}: loss is not finite ({metrics_out.get('loss')}); "
+                                     "lower optim.lr or check the rewards")
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
+            _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before)
+
+    # ---------------------------------------------------------------- final evaluation and summary
+    after = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
+    logger.log(t.steps, {f"eval/{k}": v for k, v in after.items()})
+    logger.close()
+    summary = {
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "before": before[task.metric],
+        "after": after[task.metric],
+        "seed": cfg.seed,
+        "wall_seconds": time.time() - t_start,
+        "steps": t.steps,
+        "eval_examples": after.get("n"),
+        "warmup": comps.info.get("warmup"),
+        "run_dir": str(run_dir),
+    }
+    if acc.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.logging.plots:
+            plot_metrics(run_dir)
+    return summary
+
+
+def _no_grad_logp(policy, rollout: Rollout) -> tuple[torch.Tensor, None]:
+    with torch.no_grad():
+        return policy.log_probs(rollout)[0], None
+
+
+def _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before) -> None:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sampler": sampler.state_dict(), "rng": rng_state(), "step": step, "before": before}
+        save_checkpoint(ckpt_dir, step, policy.save_pretrained, state, cfg.checkpoint.keep_last)
+    acc.wait_for_everyone()

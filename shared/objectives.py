@@ -1,0 +1,92 @@
+"""Policy-gradient objectives: pure functions of per-step log-probs (METHODS.md A).
+
+Every objective has the signature
+
+    objective(logp, old_logp, ref_logp, adv, mask, cfg, norm, **batch) -> (loss, metrics)
+
+with `logp`, `old_logp`, `ref_logp`, `mask` of shape [B, T] (T = completion tokens for LM/VLM,
+denoising steps for diffusion), `adv` of shape [B], `cfg` the `AlgorithmConfig` and `norm` the
+`StepNorm` of the whole optimizer step. `loss` is this micro-batch's share of the step loss (sum
+the shares to get the step loss) and every metric is likewise a share of a step-level token mean.
+Objectives that need the group structure (pairwise losses) read it from `batch` (`group_ids`,
+`rewards`). `ref_logp` is None when no reference is used.
+
+The registry is a plain dict; domain packages add their objectives to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from shared.aggregation import StepNorm, aggregate
+from shared.kl import kl_penalty
+
+Metrics = dict[str, Tensor]
+Objective = Callable[..., tuple[Tensor, Metrics]]
+
+MAX_LOG_RATIO = 20.0  # guards exp() of a log-ratio; only reached by a diverged policy
+
+
+def sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """GSPO: log s_i = mean_t log rho_{i,t} over the sequence's tokens, broadcast to [B, T]."""
+    m = mask.to(log_ratio.dtype)
+    per_seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+    return per_seq.expand_as(log_ratio)
+
+
+def clipped_surrogate(
+    ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float, dual_clip: float | None = None
+) -> Tensor:
+    """Per-step PPO-clip loss  -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)  (to be minimised).
+
+    With dual clip (c > 1), for A < 0 the loss is additionally capped at -c*A (Ye et al. 2020).
+    `adv` broadcasts against `ratio`.
+    """
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
+    return loss
+
+
+def ppo_clip(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) -> tuple[Tensor, Metrics]:
+    """GRPO / DAPO / Dr.GRPO / RLOO / GSPO surrogate; which one is chosen by config alone.
+
+    - ratio rho_t = exp(logp_t - old_logp_t); `ratio_level: sequence` uses GSPO's
+      s_i = exp(mean_t log rho_t) for every token of sequence i (Zheng et al. 2025, eq. 7).
+    - clip-higher: separate eps_low / eps_high (DAPO); optional dual clip.
+    - KL: with `kl_placement: loss` and beta > 0, beta * k(logp, ref_logp) is added per step and
+      aggregated like the surrogate (GRPO eq. 3).
+    """
+    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    if cfg.ratio_level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask)
+    ratio = log_ratio.exp()
+    a = adv.to(ratio.dtype).unsqueeze(-1)
+    per_step = clipped_surrogate(ratio, a, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+
+    metrics: Metrics = {}
+    if ref_logp is not None and cfg.beta > 0:
+        kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp)
+        if cfg.kl_placement == "loss":
+            per_step = per_step + cfg.beta * kl
+        metrics["kl_ref"] = aggregate(kl.detach(), mask, "token_mean", norm)
+
+    loss = aggregate(per_step, mask, cfg.loss_agg, norm)
+    with torch.no_grad():
+        low = ((ratio < 1.0 - cfg.eps_low) & (a < 0)).to(ratio.dtype)
+        high = ((ratio > 1.0 + cfg.eps_high) & (a > 0)).to(ratio.dtype)
+        metrics["clip_frac_low"] = aggregate(low, mask, "token_mean", norm)
+        metrics["clip_frac_high"] = aggregate(high, mask, "token_mean", norm)
+        metrics["kl_old"] = aggregate(0.5 * log_ratio.square(), mask, "token_mean", norm)
+        metrics["ratio_mean"] = aggregate(ratio, mask, "token_mean", norm)
+    return loss, metrics
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "ppo_clip": ppo_clip,
+}

@@ -1,0 +1,85 @@
+"""Supervised warm-up (SFT) of the initial policy, run to its held-out plateau and cached.
+
+The warm-up minimises the token-mean NLL of demonstrations (`task.split("sft")`), evaluates the
+task metric on `task.split("val")` every `eval_every` steps, keeps the best weights and stops after
+`patience` evaluations without improvement (or at `max_steps`). The best weights are saved with
+`save_pretrained` under a directory named by a hash of everything that determines them, so later
+runs (other RL seeds, tests, resumed runs) load the same warm start instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler
+
+from shared.evaluate import evaluate
+
+
+def warmup_key(cfg) -> str:
+    blob = json.dumps({"model": cfg.model.name_or_path, "task": cfg.task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"}),
+                       "seed": cfg.seed, "temperature": cfg.rollout.temperature}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_warmup_dir(cfg) -> Path:
+    return Path(cfg.warmup.cache_dir) / warmup_key(cfg)
+
+
+def run_sft(policy, task, wcfg, seed: int, log=print) -> dict:
+    """Train policy.module in place on demonstrations; returns the warm-up record."""
+    demos, val = task.split("sft"), task.split("val")
+    if not demos:
+        raise ValueError("warmup.enabled is true but the task has no 'sft' demonstrations")
+    params = policy.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=wcfg.lr, weight_decay=wcfg.weight_decay)
+    sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=wcfg.warmup_steps)
+    rng = random.Random(seed)
+    best = evaluate(policy, task, "val", len(val), 256)[task.metric] if val else float("-inf")
+    best_state, best_step, bad, history = copy.deepcopy(policy.module.state_dict()), 0, 0, [(0, best)]
+    t0 = time.time()
+    step = 0
+    for step in range(1, wcfg.max_steps + 1):
+        batch = policy.demo_batch(rng.sample(demos, min(wcfg.batch_size, len(demos))))
+        logp, _ = policy.log_probs(batch)
+        mask = batch.mask.float()
+        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % wcfg.eval_every == 0 and val:
+            score = evaluate(policy, task, "val", len(val), 256)[task.metric]
+            history.append((step, score))
+            log(f"warm-up step {step}: loss {loss.item():.4f} val {task.metric} {score:.4f}")
+            if score > best:
+                best, best_step, bad = score, step, 0
+                best_state = copy.deepcopy(policy.module.state_dict())
+            else:
+                bad += 1
+                if bad >= wcfg.patience:
+                    break
+    policy.module.load_state_dict(best_state)
+    return {"best_val": best, "best_step": best_step, "steps_run": step, "seconds": time.time() - t0,
+            "history": history}
+
+
+def save_warmup(policy, record: dict, out: Path) -> None:
+    """Write the warm-started model atomically into the cache."""
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    policy.save_pretrained(tmp)
+    (tmp / "warmup.json").write_text(json.dumps(record, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
