@@ -17,17 +17,14 @@ without nested quantifiers, so a 1 MB completion or one with thousands of tags c
 
 from __future__ import annotations
 
-import logging
 import math
 import re
-import threading
+import sys
+import time
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
 from typing import Any
 
 from shared.rewards import register_reward
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Answer extraction and normalisation (exact_match)
@@ -162,7 +159,7 @@ def exact_match(extract: str = "last_number", field: str = "answer"):
 
 MATH_VERIFY_MAX_CHARS = 2000  # only the last 2000 characters of a completion are parsed
 _MAX_DIGITS = 1e6  # numbers with more digits than this are not evaluated
-_MAX_TERMS = 300  # symbolic expansions with more terms than this are not evaluated
+_MAX_TERMS = 1000  # symbolic expansions with more terms than this are not evaluated
 
 
 def _log10_size(e) -> float:
@@ -227,22 +224,61 @@ def _has_nan(parsed: list) -> bool:
     return False
 
 
-def _signal_timeout(timeout_s: float) -> int | None:
-    """math-verify's timeout argument: whole seconds via signal.alarm, which works only in the main
-    thread; elsewhere None (no alarm), and time is bounded by truncation and `_too_expensive`."""
-    if threading.current_thread() is threading.main_thread():
-        return max(1, math.ceil(timeout_s))
-    return None
+class _Deadline:
+    """Context manager: raise math-verify's TimeoutException in this thread after `seconds`.
+
+    math-verify's own timeout uses signal.alarm, which works only in the main thread (and would
+    clobber a SIGALRM the caller uses), so both its timeouts are disabled (None) and this one is
+    used instead: a `sys.settrace` hook that checks the clock at every Python function call. It
+    works in any thread and bounds the whole sample (parse gold, parse completion, verify), not
+    each step. A single long C call (a huge integer power) is not interrupted; `_too_expensive`
+    refuses those beforehand. The exception is suppressed on exit; `expired` tells it happened.
+    """
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = False
+
+    def _trace(self, frame, event, arg):
+        if time.monotonic() > self.end:
+            from math_verify.errors import TimeoutException
+
+            self.expired = True
+            raise TimeoutException("math_verify reward: time limit reached")
+        return None  # no per-line tracing
+
+    def __enter__(self) -> "_Deadline":
+        self._prev = sys.gettrace()
+        sys.settrace(self._trace)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        sys.settrace(self._prev)
+        self.expired = self.expired or time.monotonic() > self.end
+        from math_verify.errors import TimeoutException
+
+        return exc_type is not None and issubclass(exc_type, TimeoutException)
 
 
-@lru_cache(maxsize=4096)
-def _parse_gold(gold: str, timeout: int | None) -> list:
+def _parse_gold(gold: str) -> list:
     from math_verify import parse
 
     if "$" in gold or "\\boxed" in gold:
-        return parse(gold, parsing_timeout=timeout)
+        return parse(gold, parsing_timeout=None)
     # A bare gold like "2\pi" or "x^2" is only read as LaTeX when wrapped.
-    return parse("\\boxed{" + gold + "}", parsing_timeout=timeout) or parse(gold, parsing_timeout=timeout)
+    return parse("\\boxed{" + gold + "}", parsing_timeout=None) or parse(gold, parsing_timeout=None)
+
+
+def _math_verify_score(text: str, gold: str) -> float | None:
+    from math_verify import parse, verify
+
+    gold_parsed = _parse_gold(gold[-MATH_VERIFY_MAX_CHARS:])
+    pred_parsed = parse(text[-MATH_VERIFY_MAX_CHARS:], parsing_timeout=None)
+    if not gold_parsed or not pred_parsed or _too_expensive(gold_parsed) or _too_expensive(pred_parsed):
+        return None
+    if _has_nan(gold_parsed) or _has_nan(pred_parsed):
+        return 0.0
+    return 1.0 if verify(gold_parsed, pred_parsed, timeout_seconds=None) else 0.0
 
 
 @register_reward("math_verify")
@@ -250,29 +286,25 @@ def math_verify(field: str = "answer", timeout_s: float = 5.0):
     """1.0 if math-verify finds the completion equivalent to the gold answer, else 0.0.
 
     Only the last `MATH_VERIFY_MAX_CHARS` (2000) characters of a completion are parsed, so huge
-    outputs cost bounded time. `timeout_s` is enforced by math-verify's signal.alarm in the main
-    thread (rounded up to whole seconds); in other threads alarms are impossible, so none is set,
-    and expressions that could take unbounded time (numbers beyond 10^6 digits, expansions beyond
-    300 terms) are refused up front in every thread (None). None also when the completion or the
-    gold parses to nothing; an answer that is NaN never matches.
+    outputs cost bounded time. Each sample gets `timeout_s` seconds in all, enforced by `_Deadline`
+    in whatever thread calls it (math-verify's signal-based timeouts are off); a sample that runs
+    out of time scores None. Expressions that could take unbounded time inside one C call (numbers
+    beyond 10^6 digits) or expand hugely (beyond 1000 terms) are refused up front (None). None also
+    when the completion or the gold parses to nothing; an answer that is NaN never matches.
     """
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
         raise ValueError(f"math_verify: timeout_s must be a positive number, got {timeout_s!r}")
     if not math.isfinite(timeout_s):
         raise ValueError(f"math_verify: timeout_s must be finite, got {timeout_s!r}")
-    from math_verify import parse, verify
+    import math_verify as _mv  # noqa: F401  (fail at build time, not per sample, if it is missing)
 
     def one(text: Any, gold: Any) -> float | None:
         if not isinstance(text, str) or gold is None:
             return None
-        t = _signal_timeout(timeout_s)
-        gold_parsed = _parse_gold(str(gold)[-MATH_VERIFY_MAX_CHARS:], t)
-        pred_parsed = parse(text[-MATH_VERIFY_MAX_CHARS:], parsing_timeout=t)
-        if not gold_parsed or not pred_parsed or _too_expensive(gold_parsed) or _too_expensive(pred_parsed):
-            return None
-        if _has_nan(gold_parsed) or _has_nan(pred_parsed):
-            return 0.0
-        return 1.0 if verify(gold_parsed, pred_parsed, timeout_seconds=t) else 0.0
+        score = None
+        with _Deadline(timeout_s) as deadline:
+            score = _math_verify_score(text, str(gold))
+        return None if deadline.expired else score
 
     def reward(completions: list[str], **fields: list) -> list[float | None]:
         golds = _field(fields, field, len(completions), "math_verify")

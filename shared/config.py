@@ -71,6 +71,7 @@ class WarmupConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="LR decay over max_steps after warm-up")
     eval_every: int = Field(100, gt=0, description="steps between held-out evaluations")
     patience: int = Field(4, gt=0, description="stop after this many evaluations without improvement")
     cache_dir: str = Field("runs/.cache/sft", description="where warm-started weights are cached")

@@ -76,7 +76,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     scheduler = get_scheduler(
         {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.optim.schedule],
         optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=total_opt_steps)
-    policy.module, optimizer, scheduler = acc.prepare(policy.module, optimizer, scheduler)
+    # The scheduler stays outside accelerate.prepare: an AcceleratedScheduler steps once per process
+    # per optimizer step, which would make the LR schedule depend on the process count.
+    policy.module, optimizer = acc.prepare(policy.module, optimizer)
     policy.unwrap = acc.unwrap_model
 
     # ---------------------------------------------------------------- resume or start
@@ -114,7 +116,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         first_group = (step - 1) * r.prompts_per_step + lo
         rollout: Rollout = policy.sample(local_rows, G, seed=cfg.seed, first_sample_id=first_group * G,
                                          first_group_id=first_group)
-        sample_stats = {k: v for k, v in rollout.stats.items()}
+        sample_stats = rollout.stats
 
         # 2. rewards: each component scored and logged; failures isolated inside reward_fn
         res = reward_fn(rollout.completions, rollout.fields())
@@ -178,15 +180,19 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         comp = {f"reward/{k}": float(acc.gather(v.to(acc.device)).mean()) for k, v in res.components.items()}
         fails = acc.reduce(torch.tensor([float(v) for v in res.failures.values()], device=acc.device), "sum")
         comp.update({f"reward_failures/{k}": float(f) for k, f in zip(res.failures, fails.tolist())})
-        tokens = float(acc.reduce(torch.tensor(sample_stats["sample_tokens"], device=acc.device), "sum"))
+        n_seq = float(len(rollout))
+        tot = acc.reduce(torch.tensor([sample_stats["sample_tokens"], n_seq, sample_stats["truncated_frac"] * n_seq],
+                                      dtype=torch.float64, device=acc.device), "sum").tolist()
+        len_max = float(acc.reduce(torch.tensor(sample_stats["completion_len_max"], device=acc.device), "max"))
+        tokens = tot[0]
         metrics_out.update(comp)
         metrics_out.update({
             "reward/total": float(all_rewards.mean()),
             "reward/std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
             "zero_adv_group_frac": zero_std_group_fraction(all_rewards.cpu(), all_groups.cpu()),
-            "completion_len_mean": sample_stats["completion_len_mean"],
-            "completion_len_max": sample_stats["completion_len_max"],
-            "truncated_frac": sample_stats["truncated_frac"],
+            "completion_len_mean": tot[0] / tot[1],
+            "completion_len_max": len_max,
+            "truncated_frac": tot[2] / tot[1],
             "tokens_per_s/sample": tokens / max(sample_stats["sample_seconds"], 1e-9),
             "tokens_per_s/train": float(acc.reduce(rollout.mask.sum().double().to(acc.device), "sum")) * a.epochs
             / max(train_seconds, 1e-9),

@@ -41,7 +41,8 @@ def run_sft(policy, task, wcfg, seed: int, log=print) -> dict:
         raise ValueError("warmup.enabled is true but the task has no 'sft' demonstrations")
     params = policy.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=wcfg.lr, weight_decay=wcfg.weight_decay)
-    sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=wcfg.warmup_steps)
+    sched = get_scheduler({"constant": "constant_with_warmup", "cosine": "cosine"}[wcfg.schedule], opt,
+                          num_warmup_steps=wcfg.warmup_steps, num_training_steps=wcfg.max_steps)
     rng = random.Random(seed)
     best = evaluate(policy, task, "val", len(val), 256)[task.metric] if val else float("-inf")
     best_state, best_step, bad, history = copy.deepcopy(policy.module.state_dict()), 0, 0, [(0, best)]

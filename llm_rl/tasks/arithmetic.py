@@ -70,7 +70,7 @@ class ArithmeticTask:
         sizes = {"eval": cfg.eval_size, "val": cfg.val_size, "sft": cfg.sft_size, "train": cfg.train_size}
         space = (10**cfg.digits) ** 2 * len(cfg.ops)
         if sum(sizes.values()) > space // 2:
-            raise ValueError(f"task: {sum(sizes.values())} problems requested but only {space} distinct exist "
+            raise ValueError(f"task: {sum(sizes.values())} problems requested but at most {space // 2} (half of the {space} distinct ones) can be drawn "
                              f"with digits={cfg.digits}; lower the split sizes or raise digits")
         seen: set[tuple] = set()
         self._splits: dict[str, list[dict]] = {}

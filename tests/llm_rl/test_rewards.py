@@ -1,6 +1,8 @@
 """Built-in text rewards (llm_rl/rewards.py): hand-written cases, adversarial inputs, time bounds."""
 
 import math
+import signal
+import sys
 import threading
 import time
 
@@ -180,6 +182,31 @@ def test_math_verify_in_a_thread():
     t.start()
     t.join(30)
     assert not errors and result == [[1.0, 0.0]]
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_math_verify_time_limit_holds_in_any_thread(in_thread):
+    # math-verify's LaTeX parser is exponential in such chains (~30 s for 20 links): the per-sample
+    # deadline must cut it off in the main thread and in worker threads alike.
+    mv = make("math_verify", timeout_s=0.5)
+    tower = "\\boxed{" + "x^" * 30 + "2}"
+    handler, tracer = signal.getsignal(signal.SIGALRM), sys.gettrace()
+    result = []
+
+    def work():
+        t0 = time.perf_counter()
+        result.append((mv([tower, "\\boxed{3}"], answer=["1", "3"]), time.perf_counter() - t0))
+
+    if in_thread:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join(30)
+    else:
+        work()
+    (out, elapsed), = result
+    assert out == [None, 1.0]  # the next sample still gets its own time
+    assert elapsed < 3.0
+    assert signal.getsignal(signal.SIGALRM) is handler and sys.gettrace() is tracer
 
 
 def test_math_verify_bad_kwargs():

@@ -1,0 +1,34 @@
+# rlft: the README's two commands are `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch/torchvision pinned to the builds that work on this project's machines (CUDA build, runs on CPU).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-dev clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Embedded quickstart: SFT warm-up (cached) then GRPO on the arithmetic task; prints summary.json.
+demo: install
+	$(VENV)/bin/rlft train configs/llm/arithmetic_grpo.yaml
+
+test: install-dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs/.cache
