@@ -9,7 +9,7 @@ Each entry is a factory `factory(**kwargs) -> reward`, the kwargs coming from th
 | `exact_match` | `extract` (last_number, answer_tag, boxed, full), `field` | 1/0; None if nothing extracted |
 | `math_verify` | `field`, `timeout_s` | 1/0 by math-verify; None if unparseable |
 | `format` | `tags` or `pattern` | 1/0, never None |
-| `overlong` (alias `length_penalty`) | `max_len`, `cache_len`, `factor`, `unit` | DAPO overlong shaping, in [-factor, 0] |
+| `overlong` (alias `length_penalty`) | `max_len`, `cache_len`, `factor`, `unit` | DAPO shaping, in [-factor, 0] |
 
 All of them take adversarial text: extraction uses `str.rfind` and bounded scans or regexes
 without nested quantifiers, so a 1 MB completion or one with thousands of tags costs linear time.
@@ -233,6 +233,10 @@ class _Deadline:
     works in any thread and bounds the whole sample (parse gold, parse completion, verify), not
     each step. A single long C call (a huge integer power) is not interrupted; `_too_expensive`
     refuses those beforehand. The exception is suppressed on exit; `expired` tells it happened.
+
+    CPython removes a trace hook that raises, and math-verify catches the exception inside parse
+    and each comparison, so callers run `check()` between steps: it raises again once expired and
+    otherwise puts the hook back.
     """
 
     def __init__(self, seconds: float):
@@ -241,11 +245,15 @@ class _Deadline:
 
     def _trace(self, frame, event, arg):
         if time.monotonic() > self.end:
-            from math_verify.errors import TimeoutException
-
             self.expired = True
-            raise TimeoutException("math_verify reward: time limit reached")
+            raise _timeout_exception()("math_verify reward: time limit reached")
         return None  # no per-line tracing
+
+    def check(self) -> None:
+        if self.expired or time.monotonic() > self.end:
+            self.expired = True
+            raise _timeout_exception()("math_verify reward: time limit reached")
+        sys.settrace(self._trace)
 
     def __enter__(self) -> "_Deadline":
         self._prev = sys.gettrace()
@@ -255,9 +263,13 @@ class _Deadline:
     def __exit__(self, exc_type, exc, tb) -> bool:
         sys.settrace(self._prev)
         self.expired = self.expired or time.monotonic() > self.end
-        from math_verify.errors import TimeoutException
+        return exc_type is not None and issubclass(exc_type, _timeout_exception())
 
-        return exc_type is not None and issubclass(exc_type, TimeoutException)
+
+def _timeout_exception() -> type[BaseException]:
+    from math_verify.errors import TimeoutException
+
+    return TimeoutException
 
 
 def _parse_gold(gold: str) -> list:
@@ -269,16 +281,41 @@ def _parse_gold(gold: str) -> list:
     return parse("\\boxed{" + gold + "}", parsing_timeout=None) or parse(gold, parsing_timeout=None)
 
 
-def _math_verify_score(text: str, gold: str) -> float | None:
+def _math_verify_score(text: str, gold: str, deadline: _Deadline | None = None) -> float | None:
+    """Parse gold and completion and compare every pair (as math_verify.verify does on lists),
+    checking `deadline` between steps."""
     from math_verify import parse, verify
 
+    check = deadline.check if deadline is not None else (lambda: None)
     gold_parsed = _parse_gold(gold[-MATH_VERIFY_MAX_CHARS:])
+    check()
     pred_parsed = parse(text[-MATH_VERIFY_MAX_CHARS:], parsing_timeout=None)
+    check()
     if not gold_parsed or not pred_parsed or _too_expensive(gold_parsed) or _too_expensive(pred_parsed):
         return None
     if _has_nan(gold_parsed) or _has_nan(pred_parsed):
         return 0.0
-    return 1.0 if verify(gold_parsed, pred_parsed, timeout_seconds=None) else 0.0
+    for g in gold_parsed:
+        for p in pred_parsed:
+            check()
+            if verify(g, p, timeout_seconds=None):
+                return 1.0
+    check()
+    return 0.0
+
+
+_warmed_up = False
+
+
+def _warm_up() -> None:
+    """Pay math-verify's and sympy's one-off lazy imports and parser builds (~2 s) once, at build
+    time, so they do not eat into the first samples' time limits."""
+    global _warmed_up
+    if not _warmed_up:
+        warm = [("\\boxed{\\frac{1}{2}}", "0.5"), ("$x^2+2x+1$", "(x+1)^2"), ("\\boxed{\\{1,2\\}}", "\\{1,2\\}")]
+        for text, gold in warm:
+            _math_verify_score(text, gold)
+        _warmed_up = True
 
 
 @register_reward("math_verify")
@@ -296,14 +333,14 @@ def math_verify(field: str = "answer", timeout_s: float = 5.0):
         raise ValueError(f"math_verify: timeout_s must be a positive number, got {timeout_s!r}")
     if not math.isfinite(timeout_s):
         raise ValueError(f"math_verify: timeout_s must be finite, got {timeout_s!r}")
-    import math_verify as _mv  # noqa: F401  (fail at build time, not per sample, if it is missing)
+    _warm_up()  # also fails here, not per sample, if math-verify is missing
 
     def one(text: Any, gold: Any) -> float | None:
         if not isinstance(text, str) or gold is None:
             return None
         score = None
         with _Deadline(timeout_s) as deadline:
-            score = _math_verify_score(text, str(gold))
+            score = _math_verify_score(text, str(gold), deadline)
         return None if deadline.expired else score
 
     def reward(completions: list[str], **fields: list) -> list[float | None]:

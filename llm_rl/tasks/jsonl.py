@@ -73,7 +73,7 @@ class JsonlTask:
             "val": read(cfg.val_path or cfg.eval_path),
             "sft": read(cfg.sft_path, cfg.completion_field) if cfg.sft_path else [],
         }
-        from llm_rl.rewards import REWARDS  # math-verify reward, registered by llm_rl.rewards
+        from shared.rewards import REWARDS  # math-verify reward, registered by llm_rl.rewards
 
         self._verify = REWARDS["math_verify"]()
 
