@@ -17,6 +17,7 @@ without nested quantifiers, so a 1 MB completion or one with thousands of tags c
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
@@ -25,6 +26,11 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from shared.rewards import register_reward
+
+# math-verify warns that its own (signal-based) timeouts are disabled; this module enforces a
+# per-sample time budget itself, so those warnings would only clutter the one-line CLI errors.
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 # --------------------------------------------------------------------------------------------
 # Answer extraction and normalisation (exact_match)

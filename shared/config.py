@@ -13,6 +13,7 @@ in :data:`TASK_SCHEMAS` (domain packages register theirs on import).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
@@ -157,7 +158,7 @@ class LoggingConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = Field(description="run name: outputs go to <output_dir>/<name>/")
+    name: str = Field(min_length=1, pattern=r"^[^/\\]+$", description="run name: outputs go to <output_dir>/<name>/")
     domain: Literal["llm", "vision", "diffusion"]
     seed: int = 0
     output_dir: str = "runs"
@@ -298,6 +299,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return data
     bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: 'extends' must be a path or a list of paths, got {base!r}")
     merged: dict[str, Any] = {}
     for b in bases:
         merged = _merge(merged, _read_yaml(path.parent / b, (*seen, path)))
@@ -327,7 +330,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = _merge({}, data)
+    data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -345,11 +348,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _model_for_path(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the key at ``loc`` (for suggesting the closest key)."""
     for part in loc[:-1]:
+        if isinstance(part, int):  # an index into a list of sections: the element type is already resolved
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return None
         ann = field.annotation
-        cands = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        args = getattr(ann, "__args__", (ann,))
+        args = [x for a in args for x in (getattr(a, "__args__", None) or (a,))]  # list[Model] -> Model
+        cands = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
         if not cands:
             return None
         model = cands[0]
@@ -377,9 +384,8 @@ def _format_error(source: str, err: ValidationError, schema: type[BaseModel], pr
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, merge, override and validate a run config. Raises ConfigError (one line) on any problem."""
-    _load_domain_packages()
     path = Path(path)
-    data = apply_overrides(_read_yaml(path), overrides or [])
+    data = apply_overrides(_read_yaml(path), overrides or [])  # file errors surface before heavy imports
     source = str(path) + (" (with overrides)" if overrides else "")
     return validate_config(data, source)
 
@@ -391,6 +397,8 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> RunConfig
     except ValidationError as err:
         raise _format_error(source, err, RunConfig) from None
     name = cfg.task.get("name")
+    if name is None:
+        raise ConfigError(f"{source}: missing required key 'task.name'; known tasks: {', '.join(sorted(TASK_SCHEMAS))}")
     if name not in TASK_SCHEMAS:
         raise ConfigError(f"{source}: 'task.name': unknown task {name!r}{_suggest(name, TASK_SCHEMAS)}; "
                           f"known: {', '.join(sorted(TASK_SCHEMAS))}")

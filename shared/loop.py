@@ -63,6 +63,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     a, r, t = cfg.algorithm, cfg.rollout, cfg.train
 
     comps = build_components(cfg, acc)  # policy (warm-started if configured), task, reward
+    t_rl = time.time()
     policy, task, reward_fn = comps.policy, comps.task, comps.reward
     if a.beta > 0:
         policy.build_reference()
@@ -123,11 +124,12 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         rewards = res.total.to(acc.device)
 
         # 3. reference log-probs (no grad); KL-in-reward shapes the reward before advantages
+        if needs_old_logp or (a.beta > 0 and a.kl_placement == "reward"):
+            rollout.old_logp = _no_grad_logp(policy, rollout)
         if a.beta > 0:
             rollout.ref_logp = policy.reference_log_probs(rollout)
-            if a.kl_placement == "reward":
-                lp_now, _ = _no_grad_logp(policy, rollout)
-                kl_seq = (kl_penalty(lp_now, rollout.ref_logp, "k1", a.kl_clamp) * rollout.mask).sum(-1)
+            if a.kl_placement == "reward":  # r <- r - beta * sum_t k1 (METHODS.md A, KL placement)
+                kl_seq = (kl_penalty(rollout.old_logp, rollout.ref_logp, "k1", a.kl_clamp) * rollout.mask).sum(-1)
                 rewards = rewards - a.beta * kl_seq.to(rewards.device)
 
         # 4. advantages on the global batch (groups are whole on each process)
@@ -137,8 +139,6 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         n_local = len(rollout)
         rollout.advantages = adv_all[acc.process_index * n_local : (acc.process_index + 1) * n_local]
         rollout.rewards = rewards
-        if needs_old_logp:
-            rollout.old_logp, _ = _no_grad_logp(policy, rollout)
 
         # 5. updates: epochs x optimizer steps x micro-batches, gradients accumulated by hand
         per_opt = t.micro_batch_size * t.grad_accum_steps
@@ -225,6 +225,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         "after": after[task.metric],
         "seed": cfg.seed,
         "wall_seconds": time.time() - t_start,
+        "rl_wall_seconds": time.time() - t_rl,
         "steps": t.steps,
         "eval_examples": after.get("n"),
         "warmup": comps.info.get("warmup"),
@@ -237,9 +238,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     return summary
 
 
-def _no_grad_logp(policy, rollout: Rollout) -> tuple[torch.Tensor, None]:
+def _no_grad_logp(policy, rollout: Rollout) -> torch.Tensor:
     with torch.no_grad():
-        return policy.log_probs(rollout)[0], None
+        return policy.log_probs(rollout)[0]
 
 
 def _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before) -> None:

@@ -84,3 +84,23 @@ def save_warmup(policy, record: dict, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def continue_sft(policy, task, wcfg, seconds: float, seed: int) -> dict:
+    """Reference arm: keep doing SFT on the same demonstrations for `seconds` of wall time."""
+    demos = task.split("sft")
+    params = policy.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=wcfg.lr * 0.1, weight_decay=wcfg.weight_decay)
+    rng = random.Random(seed + 7)
+    t0, steps = time.time(), 0
+    while time.time() - t0 < seconds:
+        batch = policy.demo_batch(rng.sample(demos, min(wcfg.batch_size, len(demos))))
+        logp, _ = policy.log_probs(batch)
+        mask = batch.mask.float()
+        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps += 1
+    return {"steps": steps, "seconds": time.time() - t0}

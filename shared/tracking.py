@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-PROGRESS_KEYS = (("reward/total", "reward"), ("kl_ref", "kl"), ("eval/" , None), ("tokens_per_s/sample", "tok/s"))
+PROGRESS_KEYS = (("reward/total", "reward"), ("kl_ref", "kl"), ("tokens_per_s/sample", "tok/s"))
 PLOT_KEYS = ("reward/total", "eval/accuracy", "kl_ref", "completion_len_mean", "loss", "entropy")
 
 
@@ -42,7 +42,7 @@ class RunLogger:
                     self.writer.add_scalar(k, v, step)
         if self.bar is not None:
             shown = {}
-            for key, label in (("reward/total", "reward"), ("kl_ref", "kl"), ("tokens_per_s/sample", "tok/s")):
+            for key, label in PROGRESS_KEYS:
                 if clean.get(key) is not None:
                     shown[label] = f"{clean[key]:.3g}"
             for k, v in clean.items():
