@@ -151,7 +151,7 @@ class CheckpointConfig(Strict):
 
 
 class LoggingConfig(Strict):
-    every: int = Field(1, gt=0)
+    every: int = Field(1, gt=0, description="RL steps between metric lines (evaluation steps are always logged)")
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True

@@ -107,7 +107,6 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     P_local = r.prompts_per_step // acc.num_processes
     G = r.samples_per_prompt
     needs_old_logp = steps_per_rollout > 1 or a.epochs > 1
-    last_eval = before
     for step in range(start_step + 1, t.steps + 1):
         t_step = time.perf_counter()
         # 1. prompts: every process draws the same global batch and keeps its slice of whole groups
@@ -204,10 +203,12 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         sampler.update(idx, {"rewards": all_rewards.cpu()})
 
         # 7. periodic evaluation and checkpoint
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps:
-            last_eval = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
-            metrics_out.update({f"eval/{k}": v for k, v in last_eval.items()})
-        logger.log(step, metrics_out)
+        evaluated = bool(cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps)
+        if evaluated:
+            held_out = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
+            metrics_out.update({f"eval/{k}": v for k, v in held_out.items()})
+        if evaluated or step % cfg.logging.every == 0 or step == t.steps:
+            logger.log(step, metrics_out)
         if not math.isfinite(metrics_out.get("loss", 0.0)):
             raise FloatingPointError(f"step {step}: loss is not finite ({metrics_out.get('loss')}); "
                                      "lower optim.lr or check the rewards")

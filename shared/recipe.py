@@ -10,6 +10,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.config import ConfigError
 from shared.rewards import CombinedReward
 
 DOMAINS = {"llm": "llm_rl.recipe", "vision": "vision_rl.recipe", "diffusion": "diffusion_rl.recipe"}
@@ -24,8 +25,11 @@ class Components:
 
 
 def build_components(cfg, accelerator) -> Components:
+    name = DOMAINS[cfg.domain]
     try:
-        module = importlib.import_module(DOMAINS[cfg.domain])
+        module = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        raise NotImplementedError(f"domain {cfg.domain!r} has no recipe yet ({e.name})") from None
+        if e.name != name:  # a genuine missing dependency inside the recipe: let it surface
+            raise
+        raise ConfigError(f"domain: {cfg.domain!r} has no training recipe in this version of rlft") from None
     return module.build(cfg, accelerator)

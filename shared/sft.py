@@ -26,7 +26,8 @@ from shared.evaluate import evaluate
 
 def warmup_key(cfg) -> str:
     blob = json.dumps({"model": cfg.model.name_or_path, "task": cfg.task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"}),
-                       "seed": cfg.seed, "temperature": cfg.rollout.temperature}, sort_keys=True)
+                       "seed": cfg.seed, "temperature": cfg.rollout.temperature,
+                       "max_new_tokens": cfg.rollout.max_new_tokens}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
