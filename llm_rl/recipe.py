@@ -51,7 +51,8 @@ def load_model(cfg: RunConfig):
     if m.attention != "sdpa" and m.name_or_path == "embedded":
         model.set_attn_implementation(m.attention)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(DTYPES[m.dtype]), tok
 
 
