@@ -51,8 +51,10 @@ def load_model(cfg: RunConfig):
     if m.attention != "sdpa" and m.name_or_path == "embedded":
         model.set_attn_implementation(m.attention)
     if m.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(DTYPES[m.dtype]), tok
 
 
