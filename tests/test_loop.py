@@ -178,3 +178,28 @@ def test_two_process_run_equals_one_process(tmp_path):
     for ra, rb in zip(ma, mb):
         for k in ("reward/total", "loss", "kl_ref", "completion_len_mean"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+
+
+def test_rlft_eval_of_final_checkpoint_reproduces_summary(tmp_path):
+    from shared.cli import main
+
+    # a short warm-up on 1-digit addition gives a model whose accuracy is far from a fresh one's,
+    # so evaluating the checkpoint can only reproduce `after` if its weights were really loaded
+    d = tiny_config_dict(tmp_path, task={"digits": 1, "sft_size": 25, "train_size": 10, "val_size": 5, "eval_size": 10},
+                         warmup={"enabled": True, "max_steps": 300, "eval_every": 100, "patience": 3, "batch_size": 25,
+                                 "lr": 3e-3, "warmup_steps": 10},
+                         train={"steps": 2}, optim={"lr": 1e-4})
+    summary = _train(d)
+    assert summary["after"] >= 0.2, summary
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "step_000002"
+    assert main(["eval", str(cfg_path), f"checkpoint={ckpt}"]) == 0
+    result = json.loads((ckpt / "eval.json").read_text())
+    assert result["metric"] == "accuracy" and result["n"] == 10
+    assert result["value"] == summary["after"]  # greedy decoding of the same weights
+    # the same config without the warm-up or a checkpoint evaluates a fresh model: different result
+    cfg_path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, task=d["task"], train={"steps": 2})))
+    assert main(["eval", str(cfg_path)]) == 0
+    fresh = json.loads((tmp_path / "runs" / "tiny" / "eval.json").read_text())
+    assert fresh["value"] < summary["after"]
