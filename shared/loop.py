@@ -114,8 +114,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         lo = acc.process_index * P_local
         local_rows = [train_rows[i] for i in idx[lo : lo + P_local]]
         first_group = (step - 1) * r.prompts_per_step + lo
-        rollout: Rollout = policy.sample(local_rows, G, seed=cfg.seed, first_sample_id=first_group * G,
-                                         first_group_id=first_group)
+        with acc.autocast():  # same precision as the training forward (a no-op without mixed precision)
+            rollout: Rollout = policy.sample(local_rows, G, seed=cfg.seed, first_sample_id=first_group * G,
+                                             first_group_id=first_group)
         sample_stats = rollout.stats
 
         # 2. rewards: each component scored and logged; failures isolated inside reward_fn
@@ -126,7 +127,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         if needs_old_logp or (a.beta > 0 and a.kl_placement == "reward"):
             rollout.old_logp = _no_grad_logp(policy, rollout)
         if a.beta > 0:
-            rollout.ref_logp = policy.reference_log_probs(rollout)
+            with acc.autocast():
+                rollout.ref_logp = policy.reference_log_probs(rollout)
             if a.kl_placement == "reward":  # r <- r - beta * sum_t k1 (METHODS.md A, KL placement)
                 kl_seq = (kl_penalty(rollout.old_logp, rollout.ref_logp, "k1", a.kl_clamp) * rollout.mask).sum(-1)
                 rewards = rewards - a.beta * kl_seq.to(rewards.device)
