@@ -35,6 +35,19 @@ def cached_warmup_dir(cfg) -> Path:
     return Path(cfg.warmup.cache_dir) / warmup_key(cfg)
 
 
+def sft_step(policy, rows: list[dict], params, opt, max_grad_norm: float = 1.0) -> torch.Tensor:
+    """One optimizer step on the token-mean NLL of the demonstrations in `rows`."""
+    batch = policy.demo_batch(rows)
+    logp, _ = policy.log_probs(batch)
+    mask = batch.mask.float()
+    loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_sft(policy, task, wcfg, seed: int, log=print) -> dict:
     """Train policy.module in place on demonstrations; returns the warm-up record."""
     demos, val = task.split("sft"), task.split("val")
@@ -50,15 +63,8 @@ def run_sft(policy, task, wcfg, seed: int, log=print) -> dict:
     t0 = time.time()
     step = 0
     for step in range(1, wcfg.max_steps + 1):
-        batch = policy.demo_batch(rng.sample(demos, min(wcfg.batch_size, len(demos))))
-        logp, _ = policy.log_probs(batch)
-        mask = batch.mask.float()
-        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = sft_step(policy, rng.sample(demos, min(wcfg.batch_size, len(demos))), params, opt)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         if step % wcfg.eval_every == 0 and val:
             score = evaluate(policy, task, "val", len(val), 256)[task.metric]
             history.append((step, score))
@@ -95,13 +101,6 @@ def continue_sft(policy, task, wcfg, seconds: float, seed: int) -> dict:
     rng = random.Random(seed + 7)
     t0, steps = time.time(), 0
     while time.time() - t0 < seconds:
-        batch = policy.demo_batch(rng.sample(demos, min(wcfg.batch_size, len(demos))))
-        logp, _ = policy.log_probs(batch)
-        mask = batch.mask.float()
-        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        sft_step(policy, rng.sample(demos, min(wcfg.batch_size, len(demos))), params, opt)
         steps += 1
     return {"steps": steps, "seconds": time.time() - t0}

@@ -13,23 +13,11 @@ import torch
 from shared.aggregation import StepNorm
 from shared.objectives import OBJECTIVES, clipped_surrogate, ppo_clip, sequence_log_ratio
 
-try:
-    from shared.config import AlgorithmConfig
+from shared.config import AlgorithmConfig
 
-    def make_cfg(**kw):
-        return AlgorithmConfig(**kw)
 
-except Exception:  # pragma: no cover - only if shared.config is mid-edit elsewhere
-    import types
-
-    _DEFAULTS = dict(
-        objective="ppo_clip", advantage="grpo", adv_eps=1e-6, beta=0.0, kl_estimator="k3", kl_placement="loss",
-        kl_clamp=10.0, eps_low=0.2, eps_high=0.2, dual_clip=None, ratio_level="token", loss_agg="token_mean",
-        loss_agg_norm_len=None, epochs=1,
-    )
-
-    def make_cfg(**kw):
-        return types.SimpleNamespace(**{**_DEFAULTS, **kw})
+def make_cfg(**kw):
+    return AlgorithmConfig(**kw)
 
 
 F64 = torch.float64
