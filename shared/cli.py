@@ -45,6 +45,8 @@ def cmd_train(args) -> int:
 
     summary = train(cfg)
     print(json.dumps(summary, indent=2))
+    print(f"held-out {summary['metric']}: {summary['before']:.3f} before RL -> {summary['after']:.3f} after "
+          f"({summary['steps']} steps, {summary['wall_seconds']:.0f} s); outputs in {summary['run_dir']}/")
     return 0
 
 
