@@ -55,6 +55,10 @@ class LMForward(nn.Module):
         lp, ent = selective_log_probs(h[sel], head.weight, targets[sel], self.temperature, getattr(head, "bias", None),
                                       self.chunk_size, with_entropy)
         logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, lp)
+        if not sel.any() and torch.is_grad_enabled():
+            # a fully masked micro-batch (dynamic-sampling filler) still needs a graph, so backward and
+            # the DDP gradient all-reduce run on every process; its gradient is exactly zero
+            logp = logp + 0.0 * (hidden.float().sum() + head.weight.float().sum())
         entropy = None if ent is None else hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, ent)
         return logp, entropy
 
@@ -159,7 +163,8 @@ class CausalLMPolicy:
         group_ids = torch.arange(first_group_id, first_group_id + len(rows)).repeat_interleave(n)
         rows_rep = [r for r in rows for _ in range(n)]
         rows_rep = [dict(r, completion_length=int(l)) for r, l in zip(rows_rep, mask.sum(-1).tolist())]
-        return Rollout(inputs=inputs, mask=mask, group_ids=group_ids, completions=texts, rows=rows_rep, stats=stats)
+        return Rollout(inputs=inputs, mask=mask, group_ids=group_ids, completions=texts, rows=rows_rep, stats=stats,
+                       pad_values={"input_ids": self.pad_id})
 
     def complete(self, rows: list[dict]) -> list[str]:
         """Greedy completions, for evaluation."""

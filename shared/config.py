@@ -87,6 +87,10 @@ class RolloutConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     backend: Literal["hf"] = Field("hf", description="generation backend")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop groups whose rewards are all equal and refill with new prompts")
+    max_gen_batches: int = Field(
+        10, gt=0, description="DAPO max_num_gen_batches: prompt batches drawn per step before giving up refilling")
 
 
 class AlgorithmConfig(Strict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import math
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from shared.advantages import compute_advantages, zero_std_group_fraction
+from shared.advantages import compute_advantages, group_stats, zero_std_group_fraction
 from shared.aggregation import StepNorm
 from shared.checkpoint import latest_checkpoint, load_hf_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from shared.config import RunConfig, dump_config, optimizer_steps_per_rollout
@@ -104,24 +105,13 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     if start_step == 0:
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
 
-    P_local = r.prompts_per_step // acc.num_processes
-    G = r.samples_per_prompt
     needs_old_logp = steps_per_rollout > 1 or a.epochs > 1
     for step in range(start_step + 1, t.steps + 1):
         t_step = time.perf_counter()
-        # 1. prompts: every process draws the same global batch and keeps its slice of whole groups
-        idx = sampler.next_batch()
-        lo = acc.process_index * P_local
-        local_rows = [train_rows[i] for i in idx[lo : lo + P_local]]
-        first_group = (step - 1) * r.prompts_per_step + lo
-        with acc.autocast():  # same precision as the training forward (a no-op without mixed precision)
-            rollout: Rollout = policy.sample(local_rows, G, seed=cfg.seed, first_sample_id=first_group * G,
-                                             first_group_id=first_group)
+        # 1-2. prompts -> samples -> rewards (each component scored; failures isolated in reward_fn)
+        rollout, idx, info = collect_rollout(policy, sampler, train_rows, reward_fn, cfg, acc)
         sample_stats = rollout.stats
-
-        # 2. rewards: each component scored and logged; failures isolated inside reward_fn
-        res = reward_fn(rollout.completions, rollout.fields())
-        rewards = res.total.to(acc.device)
+        rewards = rollout.rewards.to(acc.device)
 
         # 3. reference log-probs (no grad); KL-in-reward shapes the reward before advantages
         if needs_old_logp or (a.beta > 0 and a.kl_placement == "reward"):
@@ -178,9 +168,14 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         # 6. metrics (objective metrics are summed over processes: each is a share of a global mean)
         reduced = acc.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=acc.device), "sum")
         metrics_out = dict(zip(sums.keys(), reduced.tolist()))
-        comp = {f"reward/{k}": float(acc.gather(v.to(acc.device)).mean()) for k, v in res.components.items()}
-        fails = acc.reduce(torch.tensor([float(v) for v in res.failures.values()], device=acc.device), "sum")
-        comp.update({f"reward_failures/{k}": float(f) for k, f in zip(res.failures, fails.tolist())})
+        comp = {f"reward/{k}": float(acc.gather(v.to(acc.device)).mean()) for k, v in rollout.components.items()}
+        fails = acc.reduce(torch.tensor([float(v) for v in info["failures"].values()], device=acc.device), "sum")
+        comp.update({f"reward_failures/{k}": float(f) for k, f in zip(info["failures"], fails.tolist())})
+        if cfg.rollout.dynamic_sampling:
+            comp["dynamic/gen_batches"] = float(info["gen_batches"])
+            comp["dynamic/kept_group_frac"] = float(acc.reduce(torch.tensor(info["kept_groups"], dtype=torch.float64,
+                                                                            device=acc.device), "sum")) / (
+                info["gen_batches"] * r.prompts_per_step)
         n_seq = float(len(rollout))
         tot = acc.reduce(torch.tensor([sample_stats["sample_tokens"], n_seq, sample_stats["truncated_frac"] * n_seq],
                                       dtype=torch.float64, device=acc.device), "sum").tolist()
@@ -239,6 +234,50 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         if cfg.logging.plots:
             plot_metrics(run_dir)
     return summary
+
+
+def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc) -> tuple[Rollout, list[int], dict]:
+    """Sample this process's groups and score them.
+
+    Every process draws the same global prompt batch and keeps its slice of whole groups. Group ids
+    are the prompts' global draw positions (`sampler.cursor`), so they stay unique over extra draws
+    and resumes, and sample ids (which key the sampling noise) do not depend on the process layout.
+
+    With `rollout.dynamic_sampling` (DAPO), groups whose rewards are all equal are dropped and new
+    batches drawn until every process holds its share of informative groups or
+    `rollout.max_gen_batches` batches were drawn; the batch is then cut to its share, and a shortfall
+    is filled with dropped groups whose mask is zeroed (they neither train nor count in the
+    loss normalisation), so the optimizer-step geometry never changes.
+    """
+    r = cfg.rollout
+    G, P_local = r.samples_per_prompt, r.prompts_per_step // acc.num_processes
+    want = P_local * G
+    kept, dropped, drawn, failures = [], [], [], Counter()
+    for gen_batch in range(1, (r.max_gen_batches if r.dynamic_sampling else 1) + 1):
+        first = sampler.cursor + acc.process_index * P_local  # global index of this process's first prompt
+        idx = sampler.next_batch()
+        drawn += idx
+        rows = [train_rows[i] for i in idx[acc.process_index * P_local : (acc.process_index + 1) * P_local]]
+        with acc.autocast():  # same precision as the training forward (a no-op without mixed precision)
+            part = policy.sample(rows, G, seed=cfg.seed, first_sample_id=first * G, first_group_id=first)
+        res = reward_fn(part.completions, part.fields())
+        part.rewards, part.components = res.total, res.components
+        failures.update(res.failures)
+        if not r.dynamic_sampling:
+            return part, drawn, {"failures": failures, "gen_batches": 1, "kept_groups": P_local}
+        informative = group_stats(part.rewards, part.group_ids)[1] > 0
+        kept.append(part.select(informative.nonzero().squeeze(-1)))
+        dropped.append(part.select((~informative).nonzero().squeeze(-1)))
+        have = torch.tensor([sum(len(k) for k in kept)], device=acc.device)
+        if int(acc.gather(have).min()) >= want:
+            break
+    n_kept = min(sum(len(k) for k in kept), want)
+    batch = Rollout.cat([k for k in kept if len(k)] or kept[:1]).select(slice(0, n_kept))
+    if n_kept < want:
+        filler = Rollout.cat([d for d in dropped if len(d)]).select(slice(0, want - n_kept))
+        filler.mask = torch.zeros_like(filler.mask)
+        batch = Rollout.cat([batch, filler]) if n_kept else filler
+    return batch, drawn, {"failures": failures, "gen_batches": gen_batch, "kept_groups": n_kept // G}
 
 
 def _no_grad_logp(policy, rollout: Rollout) -> torch.Tensor:

@@ -4,6 +4,10 @@
 attention masks for LM/VLM; latents, timesteps and embeddings for diffusion), all with the batch
 dimension first. `mask` [B, T] marks the steps that are trained (completion tokens or denoising
 steps); `old_logp`, `ref_logp` are [B, T]. Python-side fields (completions, rows) are lists.
+
+Layout convention that lets rollouts of different lengths be concatenated (`Rollout.cat`): a 2-D
+input [B, L] ends with the T trained positions (a left-padded prefix, then a right-padded suffix
+aligned with `mask`); `pad_values` gives each input's padding value (0 when absent).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class Rollout:
     rewards: Tensor | None = None  # [B]
     advantages: Tensor | None = None  # [B]
     stats: dict[str, float] = field(default_factory=dict)  # sampling statistics (lengths, truncation)
+    components: dict[str, Tensor] = field(default_factory=dict)  # per-reward scores [B], for logging
+    pad_values: dict[str, float] = field(default_factory=dict)  # padding value of each input
 
     def __len__(self) -> int:
         return self.mask.shape[0]
@@ -48,6 +54,52 @@ class Rollout:
             ref_logp=pick(self.ref_logp),
             rewards=pick(self.rewards),
             advantages=pick(self.advantages),
+            components={k: pick(v) for k, v in self.components.items()},
+        )
+
+    @staticmethod
+    def cat(parts: list["Rollout"]) -> "Rollout":
+        """Concatenate rollouts along the batch, re-padding prefixes (left) and trained suffixes (right)."""
+        if len(parts) == 1:
+            return parts[0]
+        T = max(p.mask.shape[1] for p in parts)
+
+        def right(t: Tensor | None, width: int, value: float = 0.0) -> Tensor | None:
+            return None if t is None else torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        def cat_opt(ts: list[Tensor | None]) -> Tensor | None:
+            return None if any(t is None for t in ts) else torch.cat(ts)
+
+        inputs = {}
+        pads = parts[0].pad_values
+        for k, v0 in parts[0].inputs.items():
+            vs = [p.inputs[k] for p in parts]
+            if v0.dim() == 2 and len({v.shape[1] for v in vs}) > 1:
+                pre = max(v.shape[1] - p.mask.shape[1] for v, p in zip(vs, parts))
+                val = pads.get(k, 0.0)
+                vs = [torch.cat([torch.nn.functional.pad(v[:, : v.shape[1] - p.mask.shape[1]],
+                                                         (pre - (v.shape[1] - p.mask.shape[1]), 0), value=val),
+                                 right(v[:, v.shape[1] - p.mask.shape[1]:], T, val)], 1) for v, p in zip(vs, parts)]
+            inputs[k] = torch.cat(vs)
+        n = [len(p) for p in parts]
+        stats: dict[str, float] = {}
+        for key in parts[0].stats:
+            vals = [p.stats.get(key, 0.0) for p in parts]
+            if key in ("sample_tokens", "sample_seconds"):
+                stats[key] = sum(vals)
+            elif key.endswith("_max"):
+                stats[key] = max(vals)
+            else:  # per-sample means
+                stats[key] = sum(v * m for v, m in zip(vals, n)) / max(sum(n), 1)
+        comps = {k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components}
+        return Rollout(
+            inputs=inputs, mask=torch.cat([right(p.mask, T) for p in parts]),
+            group_ids=torch.cat([p.group_ids for p in parts]),
+            completions=[c for p in parts for c in p.completions], rows=[r for p in parts for r in p.rows],
+            old_logp=cat_opt([right(p.old_logp, T) for p in parts]),
+            ref_logp=cat_opt([right(p.ref_logp, T) for p in parts]),
+            rewards=cat_opt([p.rewards for p in parts]), advantages=cat_opt([p.advantages for p in parts]),
+            stats=stats, components=comps, pad_values=pads,
         )
 
     def fields(self) -> dict[str, list]:
