@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test bench install install-dev clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Speed/memory ratios against baselines measured in the same run (tables printed, JSON in benchmarks/results/).
+bench: install
+	$(PY) benchmarks/bench_logprobs.py
 
 clean:
 	rm -rf runs/.cache
