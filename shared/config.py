@@ -118,6 +118,15 @@ class AlgorithmConfig(Strict):
     epochs: int = Field(1, gt=0, description="passes over each rollout batch (PPO epochs, mu)")
 
 
+class SamplerConfig(Strict):
+    """How RL prompts are drawn from the train split (shared/sampler.py)."""
+
+    name: Literal["uniform", "sec"] = Field("uniform", description="uniform epochs, or the SEC curriculum bandit")
+    category_field: str = Field("category", description="SEC: the row field naming each prompt's arm")
+    tau: float = Field(1.0, gt=0, description="SEC: Boltzmann temperature over arm values")
+    alpha: float = Field(0.5, gt=0, le=1, description="SEC: TD(0) step size")
+
+
 class OptimConfig(Strict):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -171,6 +180,7 @@ class RunConfig(Strict):
     rewards: list[RewardSpec] = Field(default_factory=list)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -37,7 +37,7 @@ from shared.kl import kl_penalty
 from shared.objectives import OBJECTIVES
 from shared.recipe import build_components
 from shared.rollout import Rollout
-from shared.sampler import UniformSampler
+from shared.sampler import build_sampler
 from shared.tracking import RunLogger, plot_metrics
 
 
@@ -69,8 +69,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     if a.beta > 0:
         policy.build_reference()
     objective = OBJECTIVES[a.objective]
-    sampler = UniformSampler(len(task.split("train")), r.prompts_per_step, seed=cfg.seed)
     train_rows = task.split("train")
+    sampler = build_sampler(cfg.sampler, train_rows, r.prompts_per_step, cfg.seed)
 
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -197,7 +197,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         })
         if grad_norms:
             metrics_out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        sampler.update(idx, {"rewards": all_rewards.cpu()})
+        sampler.update(all_groups.cpu(), {"rewards": all_rewards.cpu(), "advantages": adv_all.cpu()})
+        if cfg.sampler.name == "sec":
+            metrics_out.update({f"sampler/p[{a}]": p for a, p in zip(sampler.arms, sampler.probabilities())})
 
         # 7. periodic evaluation and checkpoint
         evaluated = bool(cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps)

@@ -61,13 +61,14 @@ def test_quickstart_smoke_changes_parameters_and_logs_finite_metrics(tmp_path):
     assert saved["algorithm"]["beta"] == 0.04 and saved["task"]["digits"] == 2
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sampler", ["uniform", "sec"])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, sampler):
     import shared.loop as loop
 
-    full = tiny_config_dict(tmp_path, name="full")
+    full = tiny_config_dict(tmp_path, name="full", sampler={"name": sampler})
     _train(full)
 
-    crash = tiny_config_dict(tmp_path, name="crash")
+    crash = tiny_config_dict(tmp_path, name="crash", sampler={"name": sampler})
     real_build = loop.build_components
 
     def build_then_crash_at_step_3(cfg, acc):
@@ -89,7 +90,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "build_components", real_build)
     crash_dir = tmp_path / "runs" / "crash"
     assert [p.name for p in (crash_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_000002"]
-    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}))
+    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, sampler={"name": sampler}))
 
     a, b = _weights(tmp_path / "runs" / "full", 4), _weights(crash_dir, 4)
     for k in a:

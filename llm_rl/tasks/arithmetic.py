@@ -56,6 +56,16 @@ def build_model(cfg: ArithmeticTaskConfig, tokenizer) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(mcfg)
 
 
+def _carries(a: int, b: int) -> int:
+    """Number of carries in the column addition a + b (a natural difficulty category)."""
+    n, c = 0, 0
+    while a or b:
+        c = (a % 10 + b % 10 + c) // 10
+        n += c
+        a, b = a // 10, b // 10
+    return n
+
+
 def _solve(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
@@ -83,7 +93,8 @@ class ArithmeticTask:
                     continue
                 seen.add((a, op, b))
                 ans = str(_solve(a, op, b))
-                rows.append({"prompt": f"{a}{op}{b}=", "answer": ans, "completion": ans})
+                rows.append({"prompt": f"{a}{op}{b}=", "answer": ans, "completion": ans,
+                             "category": f"carries={_carries(a, b)}" if op == "+" else f"op={op}"})
             self._splits[name] = rows
 
     def split(self, name: str) -> list[dict]:
