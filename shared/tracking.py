@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 PROGRESS_KEYS = (("reward/total", "reward"), ("kl_ref", "kl"), ("tokens_per_s/sample", "tok/s"))
-PLOT_KEYS = ("reward/total", "eval/accuracy", "kl_ref", "completion_len_mean", "loss", "entropy")
+PLOT_KEYS = ("reward/total", "eval/*", "kl_ref", "completion_len_mean", "loss", "entropy")
 
 
 class RunLogger:
@@ -74,7 +74,10 @@ def read_metrics(path: Path) -> list[dict]:
 def plot_metrics(run_dir: Path, keys: tuple[str, ...] = PLOT_KEYS) -> Path | None:
     """One PNG with a panel per metric present in metrics.jsonl."""
     rows = read_metrics(run_dir / "metrics.jsonl")
-    present = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    expanded = [n for k in keys for n in ([n for n in names if n.startswith(k[:-1]) and n != "eval/n"]
+                                          if k.endswith("*") else [k])]
+    present = [k for k in expanded if any(r.get(k) is not None for r in rows)]
     if not present:
         return None
     import matplotlib
