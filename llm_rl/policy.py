@@ -11,7 +11,6 @@ sampling temperature (as the sampling distribution was).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 
@@ -210,12 +209,3 @@ class CausalLMPolicy:
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
 
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)

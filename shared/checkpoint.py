@@ -106,9 +106,7 @@ def load_hf_weights(model: torch.nn.Module, path: Path) -> None:
         state.update(load_file(f))
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     missing, unexpected = target.load_state_dict(state, strict=False)
-    tied = set(getattr(target, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(target, "_tied_weights_keys", None), dict):
-        tied = set(target._tied_weights_keys)
+    tied = set(getattr(target, "_tied_weights_keys", None) or [])  # a list, or a dict keyed by name
     really_missing = [k for k in missing if k not in tied]
     if really_missing or unexpected:
         raise RuntimeError(f"{path}: weights do not match the model (missing {really_missing[:3]}, unexpected {unexpected[:3]})")

@@ -14,16 +14,17 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logp(h: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, temperature: float) -> Tensor:
+def _chunk_logp(h: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, temperature: float,
+                with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of `tgt` (and, without grad, the entropy) from ONE logits matmul for this chunk."""
     logits = torch.nn.functional.linear(h, weight, bias).float() / temperature
-    return logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-@torch.no_grad()
-def _chunk_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    logits = torch.nn.functional.linear(h, weight, bias).float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # H = lse - sum_v p_v * z_v
+        ent = lse.detach() - (torch.softmax(logits.detach(), -1) * logits.detach()).sum(-1)
+    return logp, ent
 
 
 def selective_log_probs(
@@ -41,11 +42,12 @@ def selective_log_probs(
     for s in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[s : s + chunk_size], targets[s : s + chunk_size]
         if grad:
-            logps.append(checkpoint(_chunk_logp, h, weight, bias, t, temperature, use_reentrant=False))
+            lp, ent = checkpoint(_chunk_logp, h, weight, bias, t, temperature, with_entropy, use_reentrant=False)
         else:
-            logps.append(_chunk_logp(h, weight, bias, t, temperature))
+            lp, ent = _chunk_logp(h, weight, bias, t, temperature, with_entropy)
+        logps.append(lp)
         if with_entropy:
-            ents.append(_chunk_entropy(h.detach(), weight.detach(), None if bias is None else bias.detach(), temperature))
+            ents.append(ent)
     empty = hidden.new_zeros(0, dtype=torch.float32)
     logp = torch.cat(logps) if logps else empty
     ent = (torch.cat(ents) if ents else empty) if with_entropy else None

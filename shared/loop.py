@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import Counter
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -198,8 +198,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         if grad_norms:
             metrics_out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         sampler.update(all_groups.cpu(), {"rewards": all_rewards.cpu(), "advantages": adv_all.cpu()})
-        if cfg.sampler.name == "sec":
-            metrics_out.update({f"sampler/p[{a}]": p for a, p in zip(sampler.arms, sampler.probabilities())})
+        metrics_out.update(sampler.metrics())
 
         # 7. periodic evaluation and checkpoint
         evaluated = bool(cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps)

@@ -8,6 +8,7 @@ Contract (used by shared/loop.py):
     update(group_ids, stats)         feedback after a step: `group_ids` [N] are draw positions (cursor
                                      values) of the trained samples, `stats` holds per-sample tensors
                                      ("rewards", "advantages") aligned with them
+    metrics() -> dict[str, float]    values worth logging each step (e.g. arm probabilities)
     state_dict() / load_state_dict() everything needed to continue exactly after a resume
 
 `UniformSampler` walks seeded permutations epoch by epoch. `SECSampler` is the Self-Evolving
@@ -46,6 +47,9 @@ class UniformSampler:
 
     def update(self, group_ids: Tensor, stats: dict[str, Tensor]) -> None:
         """Uniform sampling ignores feedback."""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor}
@@ -109,6 +113,9 @@ class SECSampler:
             r = sum(per_arm[arm]) / len(per_arm[arm]) if per_arm[arm] else 0.0
             self.q[arm] = (1 - self.alpha) * self.q[arm] + self.alpha * r
         self.drawn.clear()
+
+    def metrics(self) -> dict[str, float]:
+        return {f"sampler/p[{a}]": p for a, p in zip(self.arms, self.probabilities())}
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "q": dict(self.q), "arm_cursor": dict(self.arm_cursor), "drawn": dict(self.drawn)}
