@@ -144,6 +144,15 @@ def test_warmup_is_cached_and_reused(tmp_path):
     assert s1["before"] == s2["before"]
 
 
+def _free_port() -> int:
+    """A port nobody listens on now (a fixed port can still be held by a previous run's store)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 DIST_SCRIPT = """
 import json, sys, torch
 from accelerate import Accelerator
@@ -167,10 +176,11 @@ def test_two_process_run_equals_one_process(tmp_path):
     (tmp_path / "dist.py").write_text(DIST_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(tmp_path / "dist.py"), str(tmp_path / "two.json")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # torchrun's summary hides the failing rank's own output: show the head of stderr and stdout too
+    assert proc.returncode == 0, proc.stderr[:4000] + "\n...\n" + proc.stderr[-1500:] + "\nSTDOUT:\n" + proc.stdout[-2000:]
     a, b = _weights(tmp_path / "runs" / "one", 2), _weights(tmp_path / "runs" / "two", 2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
