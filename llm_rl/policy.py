@@ -29,7 +29,9 @@ def hf_model(model: nn.Module) -> nn.Module:
 
 
 class LMForward(nn.Module):
-    """The trained module: forward(input_ids, attention_mask, mask) -> (logp [B,T], entropy [B,T]|None).
+    """The trained module: forward(**inputs, mask) -> (logp [B,T], entropy [B,T]|None).
+
+    Subclasses for other input kinds (images) override `hidden_states`.
 
     This module, not the bare HF model, is what `accelerate.prepare` wraps, so DDP/FSDP see the
     real forward pass.
@@ -41,25 +43,38 @@ class LMForward(nn.Module):
         self.temperature = temperature
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, with_entropy: bool = False):
-        hf = hf_model(self.model)
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Last decoder hidden states [B, L, H]; position ids from the attention mask, as `generate` does."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        hidden = out.last_hidden_state
-        T = mask.shape[1]
-        h = hidden[:, -T - 1 : -1]  # hidden state at position p predicts token p+1
-        targets = input_ids[:, -T:]
-        sel = mask.bool()
-        head = hf.get_output_embeddings()
-        lp, ent = selective_log_probs(h[sel], head.weight, targets[sel], self.temperature, getattr(head, "bias", None),
-                                      self.chunk_size, with_entropy)
-        logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, lp)
-        if not sel.any() and torch.is_grad_enabled():
-            # a fully masked micro-batch (dynamic-sampling filler) still needs a graph, so backward and
-            # the DDP gradient all-reduce run on every process; its gradient is exactly zero
-            logp = logp + 0.0 * (hidden.float().sum() + head.weight.float().sum())
-        entropy = None if ent is None else hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, ent)
-        return logp, entropy
+        out = hf_model(self.model).base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                              position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, with_entropy: bool = False, **extra):
+        hidden = self.hidden_states(input_ids, attention_mask, **extra)
+        head = hf_model(self.model).get_output_embeddings()
+        return completion_log_probs(hidden, input_ids, mask, head, self.temperature, self.chunk_size, with_entropy)
+
+
+def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, head: nn.Module, temperature: float,
+                         chunk_size: int, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) [B, T] of the last T tokens of `input_ids`, where T = mask.shape[1].
+
+    The hidden state at position p predicts token p+1; only positions with mask = 1 are computed.
+    """
+    T = mask.shape[1]
+    h = hidden[:, -T - 1 : -1]
+    targets = input_ids[:, -T:]
+    sel = mask.bool()
+    lp, ent = selective_log_probs(h[sel], head.weight, targets[sel], temperature, getattr(head, "bias", None),
+                                  chunk_size, with_entropy)
+    logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, lp)
+    if not sel.any() and torch.is_grad_enabled():
+        # a fully masked micro-batch (dynamic-sampling filler) still needs a graph, so backward and
+        # the DDP gradient all-reduce run on every process; its gradient is exactly zero
+        logp = logp + 0.0 * (hidden.float().sum() + head.weight.float().sum())
+    entropy = None if ent is None else hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, ent)
+    return logp, entropy
 
 
 def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
@@ -86,6 +101,7 @@ class CausalLMPolicy:
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.suppress_ids: list[int] = []  # tokens never generated (a VLM's image placeholders)
 
     # ------------------------------------------------------------------ text <-> tokens
     def format_prompt(self, prompt: str) -> str:
@@ -100,9 +116,21 @@ class CausalLMPolicy:
                              padding_side="left", add_special_tokens=False)
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def encode_pairs(self, prompts: list[str], completions: list[str], device) -> tuple[dict[str, Tensor], Tensor]:
-        """Teacher-forcing batch for (prompt, completion) pairs; completions get EOS appended."""
-        p = self.encode_prompts(prompts, device)
+    def encode_rows(self, rows: list[dict], device) -> dict[str, Tensor]:
+        """Left-padded prompt inputs, one per row (a multimodal policy adds its image tensors)."""
+        return self.encode_prompts([r["prompt"] for r in rows], device)
+
+    def append_completion(self, prompt: dict[str, Tensor], completion: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Rollout inputs [prompt | completion]: the token-aligned tensors grow by the completion."""
+        return {**prompt, "input_ids": torch.cat([prompt["input_ids"], completion], 1),
+                "attention_mask": torch.cat([prompt["attention_mask"], mask], 1)}
+
+    def generation_inputs(self, prompt: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Keyword arguments of the model's `generate` for per-sample prompt inputs."""
+        return prompt
+
+    def encode_completions(self, completions: list[str], device) -> tuple[Tensor, Tensor]:
+        """Right-padded completion ids with EOS appended, and their mask."""
         eos = self.eos_ids[0]
         ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
         T = max(len(x) for x in ids)
@@ -111,31 +139,29 @@ class CausalLMPolicy:
         for i, x in enumerate(ids):
             c[i, : len(x)] = torch.tensor(x)
             cm[i, : len(x)] = 1
-        c, cm = c.to(device), cm.to(device)
-        inputs = {"input_ids": torch.cat([p["input_ids"], c], 1), "attention_mask": torch.cat([p["attention_mask"], cm], 1)}
-        return inputs, cm
+        return c.to(device), cm.to(device)
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None, first_sample_id: int = 0,
+    def generate(self, rows: list[dict], n: int = 1, seed: int | None = None, first_sample_id: int = 0,
                  max_new_tokens: int | None = None) -> tuple[dict[str, Tensor], Tensor, list[str], dict]:
-        """n completions per prompt. seed=None decodes greedily; otherwise counter-based sampling
+        """n completions per row. seed=None decodes greedily; otherwise counter-based sampling
         with global sample ids first_sample_id, first_sample_id+1, ... (prompt-major)."""
         model = hf_model(self.unwrap(self.module).model)
         device = next(model.parameters()).device
-        p = self.encode_prompts(prompts, device)
-        p = {k: v.repeat_interleave(n, 0) for k, v in p.items()}
+        p = {k: v.repeat_interleave(n, 0) for k, v in self.encode_rows(rows, device).items()}
         B, Lp = p["input_ids"].shape
         procs = LogitsProcessorList()
         if seed is not None:
             ids = torch.arange(first_sample_id, first_sample_id + B, device=device)
             procs.append(CounterSamplingProcessor(seed, ids, Lp, self.temperature, self.top_k, self.top_p))
         gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True)
+                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
+                                   suppress_tokens=self.suppress_ids or None)
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        out = model.generate(**p, generation_config=gen_cfg, logits_processor=procs)
+        out = model.generate(**self.generation_inputs(p), generation_config=gen_cfg, logits_processor=procs)
         dt = time.perf_counter() - t0
         model.train(was_training)
         comp = out[:, Lp:]
@@ -153,12 +179,10 @@ class CausalLMPolicy:
             "sample_tokens": float(lengths.sum()),
             "sample_seconds": dt,
         }
-        inputs = {"input_ids": torch.cat([p["input_ids"], comp], 1),
-                  "attention_mask": torch.cat([p["attention_mask"], mask], 1)}
-        return inputs, mask, texts, stats
+        return self.append_completion(p, comp, mask), mask, texts, stats
 
     def sample(self, rows: list[dict], n: int, seed: int, first_sample_id: int, first_group_id: int) -> Rollout:
-        inputs, mask, texts, stats = self.generate([r["prompt"] for r in rows], n, seed, first_sample_id)
+        inputs, mask, texts, stats = self.generate(rows, n, seed, first_sample_id)
         group_ids = torch.arange(first_group_id, first_group_id + len(rows)).repeat_interleave(n)
         rows_rep = [r for r in rows for _ in range(n)]
         rows_rep = [dict(r, completion_length=int(l)) for r, l in zip(rows_rep, mask.sum(-1).tolist())]
@@ -167,18 +191,19 @@ class CausalLMPolicy:
 
     def complete(self, rows: list[dict]) -> list[str]:
         """Greedy completions, for evaluation."""
-        return self.generate([r["prompt"] for r in rows], n=1, seed=None)[2]
+        return self.generate(rows, n=1, seed=None)[2]
 
     def demo_batch(self, rows: list[dict]) -> Rollout:
         """Teacher-forcing batch of (prompt, completion) demonstrations for SFT."""
         device = next(self.module.parameters()).device
-        inputs, mask = self.encode_pairs([r["prompt"] for r in rows], [r["completion"] for r in rows], device)
+        comp, mask = self.encode_completions([r["completion"] for r in rows], device)
+        inputs = self.append_completion(self.encode_rows(rows, device), comp, mask)
         return Rollout(inputs=inputs, mask=mask, group_ids=torch.arange(len(rows)), rows=list(rows))
 
     # ------------------------------------------------------------------ log-probs
     def log_probs(self, batch: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs under the trained module (gradients flow when enabled)."""
-        return self.module(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.mask, with_entropy)
+        return self.module(**batch.inputs, mask=batch.mask, with_entropy=with_entropy)
 
     @torch.no_grad()
     def reference_log_probs(self, batch: Rollout) -> Tensor:
@@ -187,10 +212,10 @@ class CausalLMPolicy:
         if hasattr(inner.model, "disable_adapter"):
             ctx = inner.model.disable_adapter()
             with ctx:
-                return inner(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.mask)[0]
+                return inner(**batch.inputs, mask=batch.mask)[0]
         if self._reference is None:
             raise RuntimeError("reference requested but not built: call build_reference() before training")
-        return self._reference(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.mask)[0]
+        return self._reference(**batch.inputs, mask=batch.mask)[0]
 
     def build_reference(self) -> None:
         """Freeze a copy of the current weights as the reference (not needed with LoRA)."""

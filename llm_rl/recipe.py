@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_rl.policy import CausalLMPolicy
 from llm_rl.tasks.arithmetic import ArithmeticTask, ArithmeticTaskConfig, build_model, build_tokenizer
 from llm_rl.tasks.jsonl import JsonlTask, JsonlTaskConfig
-from shared.checkpoint import load_hf_weights
 from shared.config import ConfigError, RunConfig
-from shared.recipe import Components
-from shared.rewards import CombinedReward
-from shared.sft import cached_warmup_dir, run_sft, save_warmup
+from shared.recipe import Components, combined_reward, warm_start
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,23 +76,7 @@ def build(cfg: RunConfig, accelerator) -> Components:
     model.to(accelerator.device)
     info: dict = {}
     if cfg.warmup.enabled:
-        cache = cached_warmup_dir(cfg)
-        if not (cache / "warmup.json").exists():
-            if accelerator.is_main_process:
-                policy = make_policy(model, tok, cfg)
-                record = run_sft(policy, task, cfg.warmup, cfg.seed, log=accelerator.print)
-                save_warmup(policy, record, cache)
-            accelerator.wait_for_everyone()
-        load_hf_weights(model, cache)
-        record = json.loads((cache / "warmup.json").read_text())
-        info["warmup"] = {k: v for k, v in record.items() if k != "history"} | {"cache": str(cache)}
+        info["warmup"] = warm_start(cfg, accelerator, model, lambda m: make_policy(m, tok, cfg), task)
     if cfg.model.lora is not None:
         model = apply_lora(model, cfg)
-    policy = make_policy(model, tok, cfg)
-    try:
-        reward = CombinedReward.from_specs(cfg.rewards)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if not reward.components:
-        raise ConfigError("rewards: at least one reward is required for RL")
-    return Components(policy=policy, task=task, reward=reward, info=info)
+    return Components(policy=make_policy(model, tok, cfg), task=task, reward=combined_reward(cfg), info=info)

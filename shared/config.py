@@ -62,6 +62,8 @@ class ModelConfig(Strict):
         1024, gt=0, description="completion tokens per chunk when computing log-probs from hidden states"
     )
     trust_remote_code: bool = False
+    freeze_vision: bool = Field(True, description="vision-language models: keep the vision tower frozen (LoRA, if "
+                                "any, goes on the language model only)")
 
 
 class WarmupConfig(Strict):

@@ -1,4 +1,9 @@
-"""Held-out evaluation: greedy completions scored by the task's metric, sharded over processes."""
+"""Held-out evaluation: greedy completions scored by the task, sharded over processes.
+
+A task scores either per sample (`score`, averaged) or, when it defines `metrics(completions, rows)`,
+over the whole split at once (e.g. COCO mAP, which ranks detections across images). In that case
+every process gathers all completions in row order and computes the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,20 @@ import torch
 def evaluate(policy, task, split: str, max_prompts: int, batch_size: int, accelerator=None) -> dict[str, float]:
     rows = task.split(split)[:max_prompts]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = rows[rank::world]
-    scores: list[float] = []
+    mine = list(range(rank, len(rows), world))
+    completions: list = []
     for s in range(0, len(mine), batch_size):
-        batch = mine[s : s + batch_size]
-        completions = policy.complete(batch)
-        scores += task.score(completions, batch)
+        completions += policy.complete([rows[i] for i in mine[s : s + batch_size]])
+    corpus = hasattr(task, "metrics")
+    if corpus:
+        done = list(zip(mine, completions))
+    else:
+        done = task.score(completions, [rows[i] for i in mine])
     if accelerator is not None and world > 1:
         from accelerate.utils import gather_object
 
-        scores = gather_object(scores)
-    n = len(scores)
-    return {task.metric: sum(scores) / max(n, 1), "n": float(n)}
+        done = gather_object(done)
+    if corpus:
+        ordered = [c for _, c in sorted(done, key=lambda x: x[0])]
+        return task.metrics(ordered, rows) | {"n": float(len(ordered))}
+    return {task.metric: sum(done) / max(len(done), 1), "n": float(len(done))}

@@ -7,6 +7,7 @@ The loop looks it up by `cfg.domain` in `DOMAINS`.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,3 +34,34 @@ def build_components(cfg, accelerator) -> Components:
             raise
         raise ConfigError(f"domain: {cfg.domain!r} has no training recipe in this version of rlft") from None
     return module.build(cfg, accelerator)
+
+
+def combined_reward(cfg) -> CombinedReward:
+    """The config's reward components, or a one-line ConfigError."""
+    try:
+        reward = CombinedReward.from_specs(cfg.rewards)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not reward.components:
+        raise ConfigError("rewards: at least one reward is required for RL")
+    return reward
+
+
+def warm_start(cfg, accelerator, model, make_policy, task) -> dict:
+    """Run (or load from the cache) the SFT warm-up of `model` in place; returns its record for the summary.
+
+    The main process trains and writes the cache; every process then loads the same weights.
+    """
+    from shared.checkpoint import load_hf_weights
+    from shared.sft import cached_warmup_dir, run_sft, save_warmup
+
+    cache = cached_warmup_dir(cfg)
+    if not (cache / "warmup.json").exists():
+        if accelerator.is_main_process:
+            policy = make_policy(model)
+            record = run_sft(policy, task, cfg.warmup, cfg.seed, log=accelerator.print)
+            save_warmup(policy, record, cache)
+        accelerator.wait_for_everyone()
+    load_hf_weights(model, cache)
+    record = json.loads((cache / "warmup.json").read_text())
+    return {k: v for k, v in record.items() if k != "history"} | {"cache": str(cache)}

@@ -7,7 +7,8 @@ steps); `old_logp`, `ref_logp` are [B, T]. Python-side fields (completions, rows
 
 Layout convention that lets rollouts of different lengths be concatenated (`Rollout.cat`): a 2-D
 input [B, L] ends with the T trained positions (a left-padded prefix, then a right-padded suffix
-aligned with `mask`); `pad_values` gives each input's padding value (0 when absent).
+aligned with `mask`); an input with 3 or more dimensions [B, N, ...] holds per-sample items (image
+patches) padded at the end of dim 1; `pad_values` gives each input's padding value (0 when absent).
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class Rollout:
                 vs = [torch.cat([torch.nn.functional.pad(v[:, : v.shape[1] - p.mask.shape[1]],
                                                          (pre - (v.shape[1] - p.mask.shape[1]), 0), value=val),
                                  right(v[:, v.shape[1] - p.mask.shape[1]:], T, val)], 1) for v, p in zip(vs, parts)]
+            elif v0.dim() >= 3 and len({v.shape[1] for v in vs}) > 1:  # per-sample items (image patches): pad dim 1
+                width = max(v.shape[1] for v in vs)
+                vs = [torch.cat([v, v.new_full((v.shape[0], width - v.shape[1], *v.shape[2:]), pads.get(k, 0.0))], 1)
+                      for v in vs]
             inputs[k] = torch.cat(vs)
         n = [len(p) for p in parts]
         stats: dict[str, float] = {}

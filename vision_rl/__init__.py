@@ -1,1 +1,5 @@
-"""Vision-language RL (Qwen2-VL / Qwen2.5-VL): Visual-RFT, CLS-RL, chart-to-code. Not built yet (issue 3)."""
+"""Vision-language RL on the shared core (Qwen2-VL / Qwen2.5-VL): Visual-RFT detection and grounding,
+CLS-RL and No-Thinking-CLS-RL classification. Importing the package registers its rewards and task schemas."""
+
+from vision_rl import rewards as _rewards  # noqa: F401  (registers the vision rewards)
+from vision_rl.tasks import files as _files, shapes as _shapes  # noqa: F401  (register task schemas)

@@ -107,7 +107,7 @@ def test_greedy_log_probs_match_generate_scores(tok):
     policy = _policy(tok)
     model = policy.module.model
     prompts = [r["prompt"] for r in ROWS]
-    inputs, mask, texts, _ = policy.generate(prompts, n=1, seed=None)
+    inputs, mask, texts, _ = policy.generate(ROWS, n=1, seed=None)
     r = Rollout(inputs=inputs, mask=mask, group_ids=torch.arange(len(prompts)))
 
     enc = policy.encode_prompts(prompts, "cpu")

@@ -1,0 +1,108 @@
+"""Builds the vision-RL components from a config: task, VLM + processor, coordinates, warm-up, LoRA, rewards.
+
+`model.name_or_path: embedded` builds the tiny Qwen2-VL (or Qwen2.5-VL) of vision_rl.embedded; any
+other value is a local path or hub id loaded with `AutoModelForImageTextToText` and `AutoProcessor`.
+The box convention comes from the model type (`vision_rl.coords.convention_for`) unless
+`task.box_convention` names one.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import llm_rl.rewards  # noqa: F401  (registers the text rewards used by vision recipes: format, ...)
+import vision_rl.rewards  # noqa: F401  (registers detection / grounding / classification rewards)
+from shared.config import ConfigError, RunConfig
+from shared.recipe import Components, combined_reward, warm_start
+from vision_rl.coords import BoxCoder, convention_for
+from vision_rl.embedded import build_model, build_processor, build_tokenizer
+from vision_rl.policy import VLMPolicy
+from vision_rl.tasks.files import FILE_TASKS, make_file_task
+from vision_rl.tasks.shapes import ShapesTask, ShapesTaskConfig, tokenizer_corpus
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load_model(cfg: RunConfig):
+    """(model, processor): the embedded tiny VLM, or a checkpoint by local path / hub id."""
+    m, t = cfg.model, cfg.task_config()
+    if m.name_or_path == "embedded":
+        if not isinstance(t, ShapesTaskConfig):
+            raise ConfigError("model.name_or_path: 'embedded' is only defined for task 'shapes'; give a path or hub id")
+        tok = build_tokenizer(*tokenizer_corpus())
+        processor = build_processor(tok, t.family, t.min_pixels, t.max_pixels)
+        model = build_model(tok, t.family, t.hidden_size, t.num_layers, t.num_heads, t.vision_depth, t.vision_dim)
+        if m.attention != "sdpa":
+            model.set_attn_implementation(m.attention)
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+            model = AutoModelForImageTextToText.from_pretrained(
+                m.name_or_path, dtype=DTYPES[m.dtype], attn_implementation=m.attention,
+                trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.name_or_path: cannot load {m.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    if m.freeze_vision:
+        hf = model.model if hasattr(model, "model") else model
+        hf.visual.requires_grad_(False)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(DTYPES[m.dtype]), processor
+
+
+def box_coder(cfg: RunConfig, model) -> BoxCoder:
+    t = cfg.task_config()
+    try:
+        convention = t.box_convention if t.box_convention != "auto" else convention_for(model.config.model_type)
+    except ValueError as e:
+        raise ConfigError(f"task.box_convention: {e}") from None
+    return BoxCoder(convention, t.min_pixels, t.max_pixels)
+
+
+def make_task(cfg: RunConfig, coder: BoxCoder):
+    t = cfg.task_config()
+    try:
+        if isinstance(t, ShapesTaskConfig):
+            return ShapesTask(t, coder)
+        if isinstance(t, FILE_TASKS):
+            return make_file_task(t, coder)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"task: {e}") from None
+    raise ConfigError(f"task.name: {cfg.task['name']!r} is not a vision task")
+
+
+def make_policy(model, processor, cfg: RunConfig) -> VLMPolicy:
+    t, r = cfg.task_config(), cfg.rollout
+    return VLMPolicy(model, processor, min_pixels=t.min_pixels, max_pixels=t.max_pixels,
+                     max_prompt_length=t.max_prompt_length, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                     max_new_tokens=r.max_new_tokens, chunk_size=cfg.model.logprob_chunk_size)
+
+
+def apply_lora(model, cfg: RunConfig):
+    """LoRA on the language model's linear layers (and the vision tower's only when it is trained)."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.model.lora
+    targets = lc.target_modules
+    if cfg.model.freeze_vision and isinstance(targets, list):
+        targets = rf".*language_model.*\.({'|'.join(targets)})$"  # vision blocks reuse names like up_proj
+    return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def build(cfg: RunConfig, accelerator) -> Components:
+    model, processor = load_model(cfg)
+    coder = box_coder(cfg, model)
+    task = make_task(cfg, coder)
+    model.to(accelerator.device)
+    info: dict = {"box_convention": coder.convention}
+    if cfg.warmup.enabled:
+        info["warmup"] = warm_start(cfg, accelerator, model, lambda m: make_policy(m, processor, cfg), task)
+    if cfg.model.lora is not None:
+        model = apply_lora(model, cfg)
+    return Components(policy=make_policy(model, processor, cfg), task=task, reward=combined_reward(cfg), info=info)

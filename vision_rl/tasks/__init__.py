@@ -1,0 +1,1 @@
+"""Vision tasks: the embedded synthetic shapes task and tasks from local files."""
