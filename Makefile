@@ -23,9 +23,11 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Embedded quickstart: SFT warm-up (cached) then GRPO on the arithmetic task; prints summary.json.
+# Embedded quickstarts: SFT warm-up (cached) then GRPO, on arithmetic (text) and shapes detection
+# (vision, Visual-RFT rewards, COCO mAP); each prints its summary.json.
 demo: install
 	$(VENV)/bin/rlft train configs/llm/arithmetic_grpo.yaml
+	$(VENV)/bin/rlft train configs/vision/shapes_detection_grpo.yaml
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -9,7 +9,7 @@ from llm_rl.policy import CausalLMPolicy
 from llm_rl.tasks.arithmetic import ArithmeticTask, ArithmeticTaskConfig, build_model, build_tokenizer
 from llm_rl.tasks.jsonl import JsonlTask, JsonlTaskConfig
 from shared.config import ConfigError, RunConfig
-from shared.recipe import Components, combined_reward, warm_start
+from shared.recipe import Components, combined_reward, enable_activation_checkpointing, warm_start
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,10 +46,7 @@ def load_model(cfg: RunConfig):
     if m.attention != "sdpa" and m.name_or_path == "embedded":
         model.set_attn_implementation(m.attention)
     if m.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model.to(DTYPES[m.dtype]), tok
 
 

@@ -105,6 +105,11 @@ def load_hf_weights(model: torch.nn.Module, path: Path) -> None:
     for f in files:
         state.update(load_file(f))
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not set(state) <= set(target.state_dict()) and hasattr(type(target), "from_pretrained"):
+        # the checkpoint uses the library's serialised key names (e.g. Qwen2-VL saves `visual.*` for the
+        # module `model.visual.*`): let transformers map them, then copy the weights over
+        dtype = next(target.parameters()).dtype
+        state = type(target).from_pretrained(path, dtype=dtype).state_dict()
     missing, unexpected = target.load_state_dict(state, strict=False)
     tied = set(getattr(target, "_tied_weights_keys", None) or [])  # a list, or a dict keyed by name
     really_missing = [k for k in missing if k not in tied]

@@ -65,3 +65,11 @@ def warm_start(cfg, accelerator, model, make_policy, task) -> dict:
     load_hf_weights(model, cache)
     record = json.loads((cache / "warmup.json").read_text())
     return {k: v for k, v in record.items() if k != "history"} | {"cache": str(cache)}
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in backward (transformers >= 5 renamed gradient_checkpointing_enable)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

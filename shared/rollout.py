@@ -6,8 +6,9 @@ dimension first. `mask` [B, T] marks the steps that are trained (completion toke
 steps); `old_logp`, `ref_logp` are [B, T]. Python-side fields (completions, rows) are lists.
 
 Layout convention that lets rollouts of different lengths be concatenated (`Rollout.cat`): a 2-D
-input [B, L] ends with the T trained positions (a left-padded prefix, then a right-padded suffix
-aligned with `mask`); an input with 3 or more dimensions [B, N, ...] holds per-sample items (image
+input as wide as `inputs["attention_mask"]` (every 2-D input when there is none) is a sequence
+[B, L] that ends with the T trained positions (a left-padded prefix, then a right-padded suffix
+aligned with `mask`); other 2-D inputs ([B, 3] image grids) are per-sample values; an input with 3 or more dimensions [B, N, ...] holds per-sample items (image
 patches) padded at the end of dim 1; `pad_values` gives each input's padding value (0 when absent).
 """
 
@@ -73,10 +74,13 @@ class Rollout:
 
         inputs = {}
         pads = parts[0].pad_values
+        seq_len = [p.inputs["attention_mask"].shape[1] if "attention_mask" in p.inputs else None for p in parts]
+        pre = max((L or p.mask.shape[1]) - p.mask.shape[1] for L, p in zip(seq_len, parts))
         for k, v0 in parts[0].inputs.items():
             vs = [p.inputs[k] for p in parts]
-            if v0.dim() == 2 and len({v.shape[1] for v in vs}) > 1:
-                pre = max(v.shape[1] - p.mask.shape[1] for v, p in zip(vs, parts))
+            sequence = v0.dim() == 2 and all(v.shape[1] == (L or v.shape[1]) and v.shape[1] >= p.mask.shape[1]
+                                             for v, L, p in zip(vs, seq_len, parts))
+            if sequence:  # [prefix | trained suffix]: left-pad prefixes to `pre`, right-pad suffixes to T
                 val = pads.get(k, 0.0)
                 vs = [torch.cat([torch.nn.functional.pad(v[:, : v.shape[1] - p.mask.shape[1]],
                                                          (pre - (v.shape[1] - p.mask.shape[1]), 0), value=val),

@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import llm_rl.rewards  # noqa: F401  (registers the text rewards used by vision recipes: format, ...)
 import vision_rl.rewards  # noqa: F401  (registers detection / grounding / classification rewards)
 from shared.config import ConfigError, RunConfig
-from shared.recipe import Components, combined_reward, warm_start
+from shared.recipe import Components, combined_reward, enable_activation_checkpointing, warm_start
 from vision_rl.coords import BoxCoder, convention_for
 from vision_rl.embedded import build_model, build_processor, build_tokenizer
 from vision_rl.policy import VLMPolicy
@@ -22,7 +22,6 @@ from vision_rl.tasks.files import FILE_TASKS, make_file_task
 from vision_rl.tasks.shapes import ShapesTask, ShapesTaskConfig, tokenizer_corpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def load_model(cfg: RunConfig):
@@ -51,7 +50,7 @@ def load_model(cfg: RunConfig):
         hf = model.model if hasattr(model, "model") else model
         hf.visual.requires_grad_(False)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model.to(DTYPES[m.dtype]), processor
 
 
@@ -88,11 +87,11 @@ def apply_lora(model, cfg: RunConfig):
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.model.lora
-    targets = lc.target_modules
-    if cfg.model.freeze_vision and isinstance(targets, list):
-        targets = rf".*language_model.*\.({'|'.join(targets)})$"  # vision blocks reuse names like up_proj
+    # vision blocks reuse names like up_proj, and "all-linear" would reach them too
+    exclude = r".*\bvisual\b.*" if cfg.model.freeze_vision else None
     return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
+                                            target_modules=lc.target_modules, exclude_modules=exclude,
+                                            task_type="CAUSAL_LM"))
 
 
 def build(cfg: RunConfig, accelerator) -> Components:

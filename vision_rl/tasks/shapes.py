@@ -1,7 +1,7 @@
 """Embedded default vision task: synthetic images of coloured shapes, generated in-process.
 
 Each image shows up to `max_objects` non-overlapping shapes (circle, square, triangle) in red, green
-or blue on a lightly tinted background. One generator serves three kinds of task:
+or blue on a pale colour ramp (red grows left to right, blue top to bottom). One generator serves three kinds of task:
 
 - detection: "detect all objects of category '<shape>'" (sometimes absent: "No Objects"), boxes in
   original pixels, evaluated by COCO mAP;
@@ -58,11 +58,23 @@ class ShapesTaskConfig(VisionTaskConfig):
     vision_dim: int = Field(64, gt=0)
 
 
+def background(width: int, height: int, shade: int) -> Image.Image:
+    """A pale ramp: x raises the red channel, y the blue one. Every patch thus says where it is, which
+    a tiny model trained from scratch needs (Qwen's rotary positions are relative only)."""
+    import numpy as np
+
+    x = np.linspace(0, 1, width)[None, :]
+    y = np.linspace(0, 1, height)[:, None]
+    r = 150 + 100 * x + 0 * y
+    b = 150 + 100 * y + 0 * x
+    g = np.full((height, width), 235.0)
+    return Image.fromarray((np.stack([r, g, b], -1) - shade).clip(0, 255).astype("uint8"), "RGB")
+
+
 def draw_scene(rng: random.Random, width: int, height: int, n: int, min_size: int, max_size: int,
                unique: bool = False) -> tuple[Image.Image, list[dict]]:
     """An image with n non-overlapping shapes; objects are {"shape", "colour", "box" [x1,y1,x2,y2] pixels}."""
-    tint = tuple(rng.randint(225, 255) for _ in range(3))
-    img = Image.new("RGB", (width, height), tint)
+    img = background(width, height, rng.randint(0, 20))
     draw = ImageDraw.Draw(img)
     objects: list[dict] = []
     used: set[tuple[str, str]] = set()
