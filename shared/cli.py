@@ -71,6 +71,7 @@ def cmd_eval(args) -> int:
     result = evaluate(comps.policy, comps.task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
     out_dir = ckpt if ckpt is not None else cfg.run_dir
     out = {"metric": comps.task.metric, "value": result[comps.task.metric], "n": result["n"],
+           "metrics": {k: v for k, v in result.items() if k != "n"},  # e.g. AP50 and per-class AP, mIoU
            "checkpoint": str(ckpt) if ckpt else None, "config": str(args.config)}
     if acc.is_main_process:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

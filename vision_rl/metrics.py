@@ -26,15 +26,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vision_rl.rewards import iou
+
 Box = Sequence[float]
-
-
-def _iou(a: Box, b: Box) -> float:
-    """IoU of two xyxy boxes; 0 when they do not overlap or the union is empty."""
-    iw, ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _valid_box(box) -> bool:
@@ -167,7 +161,7 @@ def grounding_metrics(pred_boxes: Sequence[Box | None], gt_boxes: Sequence[Box],
         raise ValueError(f"grounding_metrics: {len(pred_boxes)} predictions for {len(gt_boxes)} ground-truth boxes")
     if not gt_boxes:
         raise ValueError("grounding_metrics: no boxes to evaluate")
-    ious = [0.0 if p is None or not _valid_box(p) else _iou([float(v) for v in p], [float(v) for v in g])
+    ious = [0.0 if p is None or not _valid_box(p) else iou([float(v) for v in p], [float(v) for v in g])
             for p, g in zip(pred_boxes, gt_boxes)]
     return {f"acc@{thresh:g}": sum(v > thresh for v in ious) / len(ious),
             "mIoU": sum(ious) / len(ious), "n": float(len(ious))}

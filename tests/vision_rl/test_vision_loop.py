@@ -274,3 +274,21 @@ def test_cli_validate_bad_key_in_vision_config_is_one_line(cli_runs):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("rlft: error: "), proc.stderr
     assert "'task.max_pixls'" in lines[0] and "did you mean 'max_pixels'" in lines[0]
+
+
+def test_rlft_eval_of_vision_checkpoint_reproduces_summary(tmp_path):
+    """`rlft eval checkpoint=...` reloads the saved Qwen2-VL weights and recomputes COCO mAP exactly."""
+    import yaml
+
+    from shared.cli import main
+
+    d = vision_config_dict(tmp_path, name="evaldet", **RUNS["detection"])
+    summary = _train(d)
+    cfg_path = tmp_path / "evaldet.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    ckpt = _model_dir(tmp_path / "runs" / "evaldet", 3).parent
+    assert main(["eval", str(cfg_path), f"checkpoint={ckpt}"]) == 0
+    result = json.loads((ckpt / "eval.json").read_text())
+    assert result["metric"] == "mAP" and result["n"] == 8
+    assert result["value"] == summary["after"]
+    assert {"mAP", "AP50", "AP/circle", "AP/square", "AP/triangle"} <= set(result["metrics"])
