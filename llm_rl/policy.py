@@ -42,6 +42,7 @@ class LMForward(nn.Module):
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.suppress_ids: list[int] = []  # tokens generation never emits: their probability is 0 here too
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Last decoder hidden states [B, L, H]; position ids from the attention mask, as `generate` does."""
@@ -53,11 +54,17 @@ class LMForward(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, with_entropy: bool = False, **extra):
         hidden = self.hidden_states(input_ids, attention_mask, **extra)
         head = hf_model(self.model).get_output_embeddings()
-        return completion_log_probs(hidden, input_ids, mask, head, self.temperature, self.chunk_size, with_entropy)
+        bias = getattr(head, "bias", None)
+        if self.suppress_ids:  # the same distribution `generate` samples from (suppress_tokens -> -inf)
+            ban = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
+            ban[self.suppress_ids] = -1e9
+            bias = ban if bias is None else bias + ban
+        return completion_log_probs(hidden, input_ids, mask, head.weight, bias, self.temperature, self.chunk_size,
+                                    with_entropy)
 
 
-def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, head: nn.Module, temperature: float,
-                         chunk_size: int, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
+                         temperature: float, chunk_size: int, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropies) [B, T] of the last T tokens of `input_ids`, where T = mask.shape[1].
 
     The hidden state at position p predicts token p+1; only positions with mask = 1 are computed.
@@ -66,13 +73,12 @@ def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, head: 
     h = hidden[:, -T - 1 : -1]
     targets = input_ids[:, -T:]
     sel = mask.bool()
-    lp, ent = selective_log_probs(h[sel], head.weight, targets[sel], temperature, getattr(head, "bias", None),
-                                  chunk_size, with_entropy)
+    lp, ent = selective_log_probs(h[sel], weight, targets[sel], temperature, bias, chunk_size, with_entropy)
     logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, lp)
     if not sel.any() and torch.is_grad_enabled():
         # a fully masked micro-batch (dynamic-sampling filler) still needs a graph, so backward and
         # the DDP gradient all-reduce run on every process; its gradient is exactly zero
-        logp = logp + 0.0 * (hidden.float().sum() + head.weight.float().sum())
+        logp = logp + 0.0 * (hidden.float().sum() + weight.float().sum())
     entropy = None if ent is None else hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, ent)
     return logp, entropy
 

@@ -12,6 +12,8 @@ image inputs:
 - log-probs run the vision tower once per DISTINCT image of a micro-batch (`image_key`) and hand the
   features to the language model through `mm_encoder_outputs`, with the same M-RoPE position ids the
   model computes in `generate` (so stored and recomputed log-probs agree);
+- image placeholder tokens are never sampled (`suppress_tokens`), and log-probs are taken under that
+  same distribution (those logits get -1e9), so stored and recomputed log-probs stay equal;
 - a prompt longer than `max_prompt_length` tokens is an error naming the row: prompts with images
   are never truncated (truncation splits image tokens from image features).
 """
@@ -62,6 +64,7 @@ class VLMPolicy(CausalLMPolicy):
         cfg = getattr(model, "config", None)
         self.suppress_ids = [i for i in (getattr(cfg, k, None) for k in (
             "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")) if i is not None]
+        self.module.suppress_ids = self.suppress_ids
 
     def messages(self, row: dict) -> list[dict]:
         image = {"type": "image", "image": row["image"], "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}

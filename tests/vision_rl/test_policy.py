@@ -68,14 +68,16 @@ def _flat_pixels(inputs: dict) -> torch.Tensor:
     return torch.cat([inputs["pixel_values"][i, :n] for i, n in enumerate(sizes)])
 
 
-def _plain_log_probs(model, inputs: dict, mask, temperature=1.0):
+def _plain_log_probs(model, inputs: dict, mask, temperature=1.0, suppress=()):
     """Twin of VLMForward: the full HF model on every sample's own image (no dedup, no mm_encoder_outputs),
-    full-vocabulary logits, log_softmax, gather."""
+    full-vocabulary logits with the never-generated tokens at -inf, log_softmax, gather."""
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                    pixel_values=_flat_pixels(inputs), image_grid_thw=inputs["image_grid_thw"],
                    mm_token_type_ids=inputs["mm_token_type_ids"]).logits
     T = mask.shape[1]
-    logp = torch.log_softmax(logits[:, -T - 1 : -1].float() / temperature, -1)
+    logits = logits[:, -T - 1 : -1].float()
+    logits[..., list(suppress)] = float("-inf")
+    logp = torch.log_softmax(logits / temperature, -1)
     return logp.gather(-1, inputs["input_ids"][:, -T:].unsqueeze(-1)).squeeze(-1) * mask
 
 
@@ -149,15 +151,16 @@ def test_greedy_log_probs_match_generate_scores(tok, family):
     assert gen.shape[1] == T == len(out.scores) and mask.sum() > len(ROWS)
     assert torch.equal(gen.masked_fill(mask == 0, policy.pad_id), inputs["input_ids"][:, Lp:])
 
-    logits = torch.stack([s.float() for s in out.logits], 1)  # raw logits [B, T, V]
-    logp_gen = torch.log_softmax(logits, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1) * mask
-    torch.testing.assert_close(lp, logp_gen, atol=ATOL, rtol=0)
-    # The scores are the logits with the vision tokens suppressed: the log-softmax of the scores is the
-    # policy's log-prob renormalised over the tokens that can be generated.
-    p_vision = torch.softmax(logits, -1)[..., policy.suppress_ids].sum(-1)
+    # The scores are the logits with the vision tokens suppressed (-inf): the policy's log-probs are taken
+    # under that same distribution, so they equal the log-softmax of the scores ...
     scores = torch.stack([s.float() for s in out.scores], 1)
     logp_scores = torch.log_softmax(scores, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1) * mask
-    torch.testing.assert_close(logp_scores, (lp - torch.log1p(-p_vision)) * mask, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lp, logp_scores, atol=ATOL, rtol=0)
+    # ... and differ from the raw logits' log-softmax by exactly log(1 - p(vision tokens)).
+    logits = torch.stack([s.float() for s in out.logits], 1)  # raw logits [B, T, V]
+    logp_raw = torch.log_softmax(logits, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1) * mask
+    p_vision = torch.softmax(logits, -1)[..., policy.suppress_ids].sum(-1)
+    torch.testing.assert_close(lp, (logp_raw - torch.log1p(-p_vision)) * mask, atol=ATOL, rtol=0)
     for t, s in enumerate(out.scores):  # greedy tokens are the argmax of each step's scores
         live = mask[:, t].bool()
         assert torch.equal(s.argmax(-1)[live], gen[live, t])
@@ -180,7 +183,7 @@ def test_log_probs_and_gradients_match_plain_forward(tok, family):
         return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     lp, got = grads(policy.log_probs(r)[0])
-    ref_lp, ref = grads(_plain_log_probs(model, r.inputs, r.mask, 0.7))
+    ref_lp, ref = grads(_plain_log_probs(model, r.inputs, r.mask, 0.7, policy.suppress_ids))
     torch.testing.assert_close(lp, ref_lp, atol=ATOL, rtol=0)
     assert (lp[r.mask == 1] < 0).all() and (lp[r.mask == 0] == 0).all()
     assert got.keys() == ref.keys()
