@@ -25,7 +25,7 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from shared.rewards import register_reward
+from shared.rewards import register_reward, reward_field
 
 # math-verify warns that its own (signal-based) timeouts are disabled; this module enforces a
 # per-sample time budget itself, so those warnings would only clutter the one-line CLI errors.
@@ -124,15 +124,6 @@ def _answers_equal(pred: str, ref: str) -> bool:
     return a == b
 
 
-def _field(fields: dict[str, list], name: str, n: int, reward: str) -> list:
-    if name not in fields:
-        raise ValueError(f"{reward}: needs the dataset field {name!r}; got fields {sorted(fields)}")
-    col = list(fields[name])
-    if len(col) != n:
-        raise ValueError(f"{reward}: field {name!r} has {len(col)} values for {n} completions")
-    return col
-
-
 @register_reward("exact_match")
 def exact_match(extract: str = "last_number", field: str = "answer"):
     """1.0 if the extracted final answer equals the reference in `fields[field]`, else 0.0.
@@ -146,7 +137,7 @@ def exact_match(extract: str = "last_number", field: str = "answer"):
     pick = {"last_number": _last_number, "answer_tag": _answer_tag, "boxed": _boxed, "full": lambda t: t}[extract]
 
     def reward(completions: list[str], **fields: list) -> list[float | None]:
-        refs = _field(fields, field, len(completions), "exact_match")
+        refs = reward_field(fields, field, len(completions), "exact_match")
         out: list[float | None] = []
         for text, ref in zip(completions, refs):
             got = pick(text) if isinstance(text, str) else None
@@ -350,7 +341,7 @@ def math_verify(field: str = "answer", timeout_s: float = 5.0):
         return None if deadline.expired else score
 
     def reward(completions: list[str], **fields: list) -> list[float | None]:
-        golds = _field(fields, field, len(completions), "math_verify")
+        golds = reward_field(fields, field, len(completions), "math_verify")
         return [one(text, gold) for text, gold in zip(completions, golds)]
 
     return reward
@@ -472,7 +463,7 @@ def overlong(max_len: int, cache_len: int, factor: float = 1.0, unit: str = "tok
                 "overlong: unit='tokens' needs the field 'completion_length' (token counts, passed by the "
                 "trainer); set unit='chars' to measure characters instead"
             )
-        lengths = _field(fields, "completion_length", len(completions), "overlong")
+        lengths = reward_field(fields, "completion_length", len(completions), "overlong")
         return [one(n) for n in lengths]
 
     return reward

@@ -100,6 +100,16 @@ class CombinedReward:
         return RewardResult(total, out, fails)
 
 
+def reward_field(fields: dict[str, list], name: str, n: int, reward: str) -> list:
+    """The dataset column `name` aligned with n completions, or a ValueError naming the reward and field."""
+    if name not in fields:
+        raise ValueError(f"{reward}: needs the dataset field {name!r}; got fields {sorted(fields)}")
+    col = list(fields[name])
+    if len(col) != n:
+        raise ValueError(f"{reward}: field {name!r} has {len(col)} values for {n} completions")
+    return col
+
+
 def _clean(value: Any, failure_value: float) -> tuple[float, bool]:
     try:
         v = float(value)

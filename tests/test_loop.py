@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from shared.config import validate_config
-from tests.helpers.tiny import ROOT, tiny_config_dict
+from tests.helpers.tiny import ROOT, crash_on_sample, tiny_config_dict
 
 TIMING_KEYS = ("step_seconds", "tokens_per_s/sample", "tokens_per_s/train")
 
@@ -63,31 +63,14 @@ def test_quickstart_smoke_changes_parameters_and_logs_finite_metrics(tmp_path):
 
 @pytest.mark.parametrize("sampler", ["uniform", "sec"])
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, sampler):
-    import shared.loop as loop
-
     full = tiny_config_dict(tmp_path, name="full", sampler={"name": sampler})
     _train(full)
 
     crash = tiny_config_dict(tmp_path, name="crash", sampler={"name": sampler})
-    real_build = loop.build_components
-
-    def build_then_crash_at_step_3(cfg, acc):
-        comps = real_build(cfg, acc)
-        real_sample, calls = comps.policy.sample, {"n": 0}
-
-        def sample(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt("simulated crash")
-            return real_sample(*a, **k)
-
-        comps.policy.sample = sample
-        return comps
-
-    monkeypatch.setattr(loop, "build_components", build_then_crash_at_step_3)
+    crash_on_sample(monkeypatch, at=3)
     with pytest.raises(KeyboardInterrupt):
         _train(crash)
-    monkeypatch.setattr(loop, "build_components", real_build)
+    monkeypatch.undo()
     crash_dir = tmp_path / "runs" / "crash"
     assert [p.name for p in (crash_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_000002"]
     _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, sampler={"name": sampler}))

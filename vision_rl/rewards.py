@@ -28,7 +28,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from shared.rewards import register_reward
+from shared.rewards import register_reward, reward_field
 
 Box = list[float]
 MAX_BOXES = 100  # a detection answer with more predictions than this is a failure (None)
@@ -255,15 +255,6 @@ def classification_reward(answer: str | None, label: str) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def _column(fields: dict[str, list], name: str, n: int, reward: str) -> list:
-    if name not in fields:
-        raise ValueError(f"{reward}: needs the dataset field {name!r}; got fields {sorted(fields)}")
-    col = list(fields[name])
-    if len(col) != n:
-        raise ValueError(f"{reward}: field {name!r} has {len(col)} values for {n} completions")
-    return col
-
-
 def _gt_box(value: Any, reward: str) -> Box:
     try:
         box = [float(v) for v in value]
@@ -283,7 +274,7 @@ def _gt_boxes(value: Any, reward: str) -> list[Box]:
 
 def _detection(name: str, score, field: str):
     def reward(completions: list[str], **fields: list) -> list[float | None]:
-        gts = _column(fields, field, len(completions), name)
+        gts = reward_field(fields, field, len(completions), name)
         out: list[float | None] = []
         for text, gt in zip(completions, gts):
             pred = parse_detection(text)
@@ -315,7 +306,7 @@ def grounding_iou(field: str = "box", variant: str = "giou"):
         raise ValueError(f"grounding_iou: variant must be one of {GROUNDING_VARIANTS}, got {variant!r}")
 
     def reward(completions: list[str], **fields: list) -> list[float | None]:
-        gts = _column(fields, field, len(completions), "grounding_iou")
+        gts = reward_field(fields, field, len(completions), "grounding_iou")
         out: list[float | None] = []
         for text, gt in zip(completions, gts):
             box = parse_box(text)
@@ -334,7 +325,7 @@ def cls_accuracy(field: str = "label"):
     """CLS-RL accuracy: 1.0 iff the last `<answer>` content equals `fields[field]`; no tag gives 0.0."""
 
     def reward(completions: list[str], **fields: list) -> list[float | None]:
-        labels = _column(fields, field, len(completions), "cls_accuracy")
+        labels = reward_field(fields, field, len(completions), "cls_accuracy")
         return [
             None if not isinstance(t, str) or y is None else classification_reward(answer_text(t), y)
             for t, y in zip(completions, labels)
@@ -348,7 +339,7 @@ def cls_equality(field: str = "label"):
     """No-Thinking-CLS-RL: 1.0 iff the whole completion normalises to `fields[field]`."""
 
     def reward(completions: list[str], **fields: list) -> list[float | None]:
-        labels = _column(fields, field, len(completions), "cls_equality")
+        labels = reward_field(fields, field, len(completions), "cls_equality")
         return [
             None if not isinstance(t, str) or y is None else classification_reward(t, y)
             for t, y in zip(completions, labels)

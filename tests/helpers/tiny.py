@@ -37,3 +37,25 @@ def merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def crash_on_sample(monkeypatch, at: int = 3) -> None:
+    """Make the next `train` raise KeyboardInterrupt at its `at`-th rollout (a simulated crash mid-run)."""
+    import shared.loop as loop
+
+    real_build = loop.build_components
+
+    def build(cfg, acc):
+        comps = real_build(cfg, acc)
+        real_sample, calls = comps.policy.sample, {"n": 0}
+
+        def sample(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise KeyboardInterrupt("simulated crash")
+            return real_sample(*a, **k)
+
+        comps.policy.sample = sample
+        return comps
+
+    monkeypatch.setattr(loop, "build_components", build)

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from shared.config import validate_config
-from tests.helpers.tiny import ROOT, merge
+from tests.helpers.tiny import ROOT, crash_on_sample, merge
 
 TIMING_KEYS = ("step_seconds", "tokens_per_s/sample", "tokens_per_s/train")
 # A random model never earns the task rewards, so every group would have zero advantage; a character-length
@@ -177,30 +177,13 @@ def test_warmup_then_grpo(tmp_path):
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
-    import shared.loop as loop
-
     over = dict(train={"steps": 4}, checkpoint={"every": 2, "keep_last": 3}, algorithm={"beta": 0.04})
     _train(vision_config_dict(tmp_path, name="full", **over))
 
-    real_build = loop.build_components
-
-    def build_then_crash_at_step_3(cfg, acc):
-        comps = real_build(cfg, acc)
-        real_sample, calls = comps.policy.sample, {"n": 0}
-
-        def sample(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt("simulated crash")
-            return real_sample(*a, **k)
-
-        comps.policy.sample = sample
-        return comps
-
-    monkeypatch.setattr(loop, "build_components", build_then_crash_at_step_3)
+    crash_on_sample(monkeypatch, at=3)
     with pytest.raises(KeyboardInterrupt):
         _train(vision_config_dict(tmp_path, name="crash", **over))
-    monkeypatch.setattr(loop, "build_components", real_build)
+    monkeypatch.undo()
     crash_dir = tmp_path / "runs" / "crash"
     assert [p.name for p in (crash_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_000002"]
     _train(vision_config_dict(tmp_path, name="crash", **merge(over, {"checkpoint": {"resume": True}})))
