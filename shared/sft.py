@@ -9,6 +9,7 @@ runs (other RL seeds, tests, resumed runs) load the same warm start instead of r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -26,8 +27,7 @@ from shared.evaluate import evaluate
 
 def warmup_key(cfg) -> str:
     blob = json.dumps({"model": cfg.model.name_or_path, "task": cfg.task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"}),
-                       "seed": cfg.seed, "temperature": cfg.rollout.temperature,
-                       "max_new_tokens": cfg.rollout.max_new_tokens}, sort_keys=True)
+                       "seed": cfg.seed, "max_new_tokens": cfg.rollout.max_new_tokens}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -35,10 +35,23 @@ def cached_warmup_dir(cfg) -> Path:
     return Path(cfg.warmup.cache_dir) / warmup_key(cfg)
 
 
+@contextlib.contextmanager
+def untempered(policy):
+    """Log-probs at temperature 1 inside the block: SFT fits the model's own distribution, so a higher
+    RL sampling temperature really explores around the warm start instead of being trained away."""
+    module = policy.unwrap(policy.module)
+    saved, module.temperature = module.temperature, 1.0
+    try:
+        yield
+    finally:
+        module.temperature = saved
+
+
 def sft_step(policy, rows: list[dict], params, opt, max_grad_norm: float = 1.0) -> torch.Tensor:
-    """One optimizer step on the token-mean NLL of the demonstrations in `rows`."""
+    """One optimizer step on the token-mean NLL (temperature 1) of the demonstrations in `rows`."""
     batch = policy.demo_batch(rows)
-    logp, _ = policy.log_probs(batch)
+    with untempered(policy):
+        logp, _ = policy.log_probs(batch)
     mask = batch.mask.float()
     loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
     loss.backward()

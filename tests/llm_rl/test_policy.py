@@ -375,3 +375,28 @@ def test_save_pretrained_round_trip(tok, tmp_path):
     r2 = _sample(policy2)
     assert r2.completions == r.completions
     assert torch.equal(r2.inputs["input_ids"], r.inputs["input_ids"])
+
+
+def test_sft_step_fits_the_untempered_distribution(tok):
+    """The warm-up's NLL is taken at temperature 1 whatever the RL sampling temperature, so the same
+    demonstrations give the same loss and the same update for a policy sampling at 1.0 and at 2.0."""
+    from shared.sft import sft_step
+
+    demos = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "12+9=", "completion": "21"}]
+    losses, weights = [], []
+    for temperature in (1.0, 2.0):
+        policy = _policy(tok, _model(tok), temperature=temperature)
+        params = policy.trainable_parameters()
+        opt = torch.optim.SGD(params, lr=0.1)
+        losses.append(sft_step(policy, demos, params, opt))
+        weights.append([p.detach().clone() for p in params])
+        assert policy.module.temperature == temperature  # restored after the step
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # and the loss is the plain NLL of the demonstrations under the model (temperature 1)
+    policy = _policy(tok, _model(tok), temperature=2.0)
+    batch = policy.demo_batch(demos)
+    logits = policy.module.model(**batch.inputs).logits[:, -batch.mask.shape[1] - 1 : -1].float()
+    nll = -torch.log_softmax(logits, -1).gather(-1, batch.inputs["input_ids"][:, -batch.mask.shape[1]:, None])[..., 0]
+    torch.testing.assert_close(losses[0], (nll * batch.mask).sum() / batch.mask.sum(), atol=1e-5, rtol=0)
