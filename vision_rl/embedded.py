@@ -40,7 +40,9 @@ def build_tokenizer(corpus: list[str], phrases: list[str] = ()) -> PreTrainedTok
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), "isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in sorted(set(phrases), key=len, reverse=True) if p])
+    # longest first, ties by text: ids must not depend on set order (string hashing differs per process)
+    ordered = sorted({p for p in phrases if p}, key=lambda p: (-len(p), p))
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in ordered])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},

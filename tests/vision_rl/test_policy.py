@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 from shared.rollout import Rollout
+from tests.helpers.tiny import ROOT
 from vision_rl.coords import BoxCoder
 from vision_rl.embedded import build_model, build_processor, build_tokenizer
 from vision_rl.policy import VLMPolicy
@@ -392,3 +393,17 @@ def test_rollout_cat_equal_total_length_different_split(tok):
         lp_b = policy.log_probs(b)[0]
         lp = policy.log_probs(both)[0]
     torch.testing.assert_close(lp[1, : lp_b.shape[1]], lp_b[0], atol=ATOL, rtol=0)
+
+
+def test_embedded_tokenizer_is_identical_in_every_process():
+    """The warm-up cache and resumed runs rebuild the embedded tokenizer in a new process: its ids must
+    not depend on Python's per-process string hashing (set iteration order)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from vision_rl.embedded import build_tokenizer; from vision_rl.tasks.shapes import tokenizer_corpus; "
+            "import json; print(json.dumps(sorted(build_tokenizer(*tokenizer_corpus()).get_vocab().items())))")
+    vocabs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(vocabs) == 1
