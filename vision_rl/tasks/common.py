@@ -25,7 +25,8 @@ from pydantic import Field
 from shared.config import Strict
 from vision_rl.coords import BoxCoder
 from vision_rl.metrics import classification_accuracy, coco_detection_map, grounding_metrics
-from vision_rl.rewards import answer_text, normalise_label, parse_box, parse_detection
+from vision_rl.rewards import (answer_text, detection_iou_reward, grounding_hit, normalise_label, parse_box,
+                              parse_detection)
 
 TaskKind = Literal["detection", "grounding", "classification"]
 METRIC = {"detection": "mAP", "grounding": "acc@0.5", "classification": "accuracy"}
@@ -135,8 +136,6 @@ def held_out_metrics(kind: str, completions: list[str], rows: list[dict], coder:
 
 def per_sample_score(kind: str, completions: list[str], rows: list[dict], coder: BoxCoder, think: bool) -> list[float]:
     """Per-sample proxy of the headline metric (accuracy; IoU > 0.5 hit; detection: IoU reward)."""
-    from vision_rl.rewards import detection_iou_reward, grounding_hit
-
     if kind == "classification":
         answers = [answer_text(c) if think else c for c in completions]
         return [float(a is not None and normalise_label(a) == normalise_label(r["label"])) for a, r in zip(answers, rows)]
