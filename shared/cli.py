@@ -77,6 +77,7 @@ def cmd_eval(args) -> int:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "eval.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
+    acc.end_training()
     return 0
 
 

@@ -234,6 +234,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.logging.plots:
             plot_metrics(run_dir)
+    if accelerator is None:  # we made it, so we shut it down (a live gloo/NCCL group can abort the exit)
+        acc.end_training()
     return summary
 
 

@@ -144,6 +144,7 @@ from shared.loop import train
 cfg = validate_config(json.load(open(sys.argv[1])), "dist")
 acc = Accelerator(cpu=True)
 train(cfg, acc)
+acc.end_training()  # destroy the process group before exit, as the CLI does
 """
 
 
