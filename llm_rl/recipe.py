@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_rl.policy import CausalLMPolicy
 from llm_rl.tasks.arithmetic import ArithmeticTask, ArithmeticTaskConfig, build_model, build_tokenizer
 from llm_rl.tasks.jsonl import JsonlTask, JsonlTaskConfig
 from shared.config import ConfigError, RunConfig
-from shared.recipe import Components, combined_reward, enable_activation_checkpointing, warm_start
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from shared.recipe import DTYPES, Components, combined_reward, enable_activation_checkpointing, warm_start
 
 
 def make_task(cfg: RunConfig):

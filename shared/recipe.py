@@ -11,8 +11,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from shared.config import ConfigError
 from shared.rewards import CombinedReward
+
+# config `model.dtype` -> torch dtype, for every domain's model loading
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DOMAINS = {"llm": "llm_rl.recipe", "vision": "vision_rl.recipe", "diffusion": "diffusion_rl.recipe"}
 

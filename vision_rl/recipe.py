@@ -8,20 +8,17 @@ The box convention comes from the model type (`vision_rl.coords.convention_for`)
 
 from __future__ import annotations
 
-import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import llm_rl.rewards  # noqa: F401  (registers the text rewards used by vision recipes: format, ...)
 import vision_rl.rewards  # noqa: F401  (registers detection / grounding / classification rewards)
 from shared.config import ConfigError, RunConfig
-from shared.recipe import Components, combined_reward, enable_activation_checkpointing, warm_start
+from shared.recipe import DTYPES, Components, combined_reward, enable_activation_checkpointing, warm_start
 from vision_rl.coords import BoxCoder, convention_for
 from vision_rl.embedded import build_model, build_processor, build_tokenizer
 from vision_rl.policy import VLMPolicy
 from vision_rl.tasks.files import FILE_TASKS, make_file_task
 from vision_rl.tasks.shapes import ShapesTask, ShapesTaskConfig, tokenizer_corpus
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(cfg: RunConfig):
