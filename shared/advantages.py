@@ -100,3 +100,81 @@ def zero_std_group_fraction(rewards: Tensor, group_ids: Tensor) -> float:
     flat = torch.zeros(int(inv.max()) + 1, dtype=torch.float64, device=rewards.device)
     per_group = flat.scatter_reduce(0, inv, (std == 0).double(), "amin", include_self=False)
     return float(per_group.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# DDPO per-prompt reward tracker (METHODS.md D.2) and advantage clipping
+# --------------------------------------------------------------------------------------------
+
+from collections import deque  # noqa: E402  (appended section; keeps the estimators above untouched)
+
+import numpy as np  # noqa: E402
+
+
+def clip_advantages(adv: Tensor, limit: float | None) -> Tensor:
+    """Clamp advantages to [-limit, limit] (DDPO: 5; config `algorithm.adv_clip`). None: unchanged."""
+    if limit is None:
+        return adv
+    if limit <= 0:
+        raise ValueError(f"advantage clip limit must be > 0, got {limit}")
+    return adv.clamp(-limit, limit)
+
+
+class PerPromptTracker:
+    """Per-prompt reward normalisation of DDPO (kvablack/ddpo-pytorch `PerPromptStatTracker`).
+
+    For each distinct prompt key in a batch, that prompt's rewards of this batch are appended to its
+    buffer (a deque of at most `buffer_size` rewards) FIRST; then, if the buffer holds fewer than
+    `min_count` rewards, the mean/std of the WHOLE current batch of rewards are used, otherwise the
+    mean/std of the buffer:
+
+        A_i = (r_i - mean) / (std + eps)
+
+    std is the POPULATION standard deviation (ddof = 0, numpy's default, as in DDPO) -- unlike the
+    unbiased std of the group estimators above. Statistics are computed in float64. State is plain
+    python (`state_dict()` / `load_state_dict()`), so checkpoints pickle without torch.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int, eps: float = 1e-6):
+        if buffer_size <= 0 or min_count <= 0:
+            raise ValueError(f"buffer_size and min_count must be > 0, got {buffer_size}, {min_count}")
+        self.buffer_size = int(buffer_size)
+        self.min_count = int(min_count)
+        self.eps = float(eps)
+        self.buffers: dict[str, deque[float]] = {}
+
+    def __call__(self, keys: list[str], rewards: Tensor) -> Tensor:
+        if len(keys) != rewards.numel():
+            raise ValueError(f"{len(keys)} keys for {rewards.numel()} rewards")
+        r = np.asarray(rewards.detach().to("cpu", torch.float64).reshape(-1).numpy())
+        key_arr = np.asarray(keys, dtype=object)
+        adv = np.empty_like(r)
+        batch_mean, batch_std = float(np.mean(r)) if r.size else 0.0, float(np.std(r)) if r.size else 0.0
+        for key in dict.fromkeys(keys):  # distinct keys, first-seen order
+            sel = key_arr == key
+            buf = self.buffers.setdefault(key, deque(maxlen=self.buffer_size))
+            buf.extend(float(x) for x in r[sel])
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                mean, std = float(np.mean(buf)), float(np.std(buf))
+            adv[sel] = (r[sel] - mean) / (std + self.eps)
+        out = torch.from_numpy(adv).reshape(rewards.shape)
+        dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+        return out.to(device=rewards.device, dtype=dtype)
+
+    def stats(self) -> dict[str, int]:
+        return {"tracked_prompts": len(self.buffers)}
+
+    def state_dict(self) -> dict:
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "eps": self.eps,
+            "buffers": {k: list(v) for k, v in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore buffers (keeping this tracker's buffer_size / min_count / eps settings)."""
+        self.buffers = {str(k): deque((float(x) for x in v), maxlen=self.buffer_size)
+                        for k, v in state["buffers"].items()}

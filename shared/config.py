@@ -99,10 +99,16 @@ class AlgorithmConfig(Strict):
     """The policy-gradient family of METHODS.md part A; every default is stated here."""
 
     objective: str = Field("ppo_clip", description="objective name in shared.objectives.OBJECTIVES")
-    advantage: Literal["grpo", "dr_grpo", "batch_std", "rloo", "none"] = Field(
+    advantage: Literal["grpo", "dr_grpo", "batch_std", "rloo", "per_prompt_tracker", "none"] = Field(
         "grpo", description="advantage estimator (table in shared/advantages.py)"
     )
     adv_eps: float = Field(1e-6, ge=0, description="added to the std in std-normalised advantages")
+    adv_clip: float | None = Field(None, gt=0, description="clamp advantages to [-adv_clip, adv_clip] (DDPO: 5)")
+    tracker_buffer: int = Field(32, gt=0, description="per_prompt_tracker: rewards kept per prompt (DDPO: 16-32)")
+    tracker_min_count: int = Field(16, gt=0, description="per_prompt_tracker: below this many rewards for a prompt, "
+                                   "use the statistics of the whole batch")
+    prdp_eps: float = Field(1e-4, gt=0, description="PRDP proximal clip: each step's log-ratio stays within "
+                            "+-prdp_eps of the sampling policy's")
     beta: float = Field(0.0, ge=0, description="KL coefficient; 0 disables the reference model")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator")
     kl_placement: Literal["loss", "reward"] = Field("loss", description="KL in the loss or subtracted from the reward")
@@ -434,6 +440,17 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
             f"{source}: algorithm.advantage={a.advantage!r} compares samples within a group, so "
             f"rollout.samples_per_prompt must be at least 2 (got {r.samples_per_prompt})"
         )
+    from shared.objectives import OBJECTIVES
+
+    objective = OBJECTIVES[a.objective]
+    if getattr(objective, "needs_whole_groups", False) and cfg.train.micro_batch_size % r.samples_per_prompt:
+        raise ConfigError(
+            f"{source}: algorithm.objective={a.objective!r} pairs samples of one prompt inside a micro-batch, so "
+            f"train.micro_batch_size ({cfg.train.micro_batch_size}) must be a multiple of rollout.samples_per_prompt "
+            f"({r.samples_per_prompt})")
+    if getattr(objective, "needs_reference", False) and (a.beta <= 0 or a.kl_placement != "loss"):
+        raise ConfigError(f"{source}: algorithm.objective={a.objective!r} needs algorithm.beta > 0 (got {a.beta}) "
+                          f"and kl_placement 'loss' (got {a.kl_placement!r}): beta is its KL weight")
     if a.kl_placement == "reward" and a.beta == 0:
         raise ConfigError(f"{source}: algorithm.kl_placement='reward' has no effect with algorithm.beta=0")
     if not math.isfinite(cfg.optim.lr):

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from transformers import get_scheduler
 
-from shared.advantages import compute_advantages, group_stats, zero_std_group_fraction
+from shared.advantages import PerPromptTracker, clip_advantages, compute_advantages, group_stats, zero_std_group_fraction
 from shared.aggregation import StepNorm
 from shared.checkpoint import latest_checkpoint, load_hf_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from shared.config import RunConfig, dump_config, optimizer_steps_per_rollout
@@ -71,6 +71,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     objective = OBJECTIVES[a.objective]
     train_rows = task.split("train")
     sampler = build_sampler(cfg.sampler, train_rows, r.prompts_per_step, cfg.seed)
+    tracker = (PerPromptTracker(a.tracker_buffer, a.tracker_min_count, a.adv_eps)
+               if a.advantage == "per_prompt_tracker" else None)
 
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -92,6 +94,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+        if tracker is not None:
+            tracker.load_state_dict(state["tracker"])
         set_rng_state(state["rng"])
         start_step = state["step"]
         acc.print(f"resumed from {last} at step {start_step}")
@@ -113,8 +117,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         sample_stats = rollout.stats
         rewards = rollout.rewards.to(acc.device)
 
-        # 3. reference log-probs (no grad); KL-in-reward shapes the reward before advantages
-        if needs_old_logp or (a.beta > 0 and a.kl_placement == "reward"):
+        # 3. reference log-probs (no grad); KL-in-reward shapes the reward before advantages.
+        # A policy whose sampler knows its exact log-probs (diffusion steps) has set old_logp already.
+        if rollout.old_logp is None and (needs_old_logp or (a.beta > 0 and a.kl_placement == "reward")):
             rollout.old_logp = _no_grad_logp(policy, rollout)
         if a.beta > 0:
             with acc.autocast():
@@ -126,7 +131,13 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         # 4. advantages on the global batch (groups are whole on each process)
         all_rewards = acc.gather(rewards)
         all_groups = acc.gather(rollout.group_ids.to(acc.device))
-        adv_all = compute_advantages(a.advantage, all_rewards.double(), all_groups, a.adv_eps).float()
+        if tracker is not None:  # DDPO: statistics per prompt over its recent rewards (stateful)
+            keys = [row["prompt"] for row in rollout.rows]
+            keys = gather_object(keys) if acc.num_processes > 1 else keys
+            adv_all = tracker(keys, all_rewards.double().cpu()).to(acc.device)
+        else:
+            adv_all = compute_advantages(a.advantage, all_rewards.double(), all_groups, a.adv_eps)
+        adv_all = clip_advantages(adv_all, a.adv_clip).float()
         n_local = len(rollout)
         rollout.advantages = adv_all[acc.process_index * n_local : (acc.process_index + 1) * n_local]
         rollout.rewards = rewards
@@ -199,6 +210,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             metrics_out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         sampler.update(all_groups.cpu(), {"rewards": all_rewards.cpu(), "advantages": adv_all.cpu()})
         metrics_out.update(sampler.metrics())
+        if tracker is not None:
+            metrics_out.update(tracker.stats())
 
         # 7. periodic evaluation and checkpoint
         evaluated = bool(cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps)
@@ -211,7 +224,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             raise FloatingPointError(f"step {step}: loss is not finite ({metrics_out.get('loss')}); "
                                      "lower optim.lr or check the rewards")
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
-            _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before)
+            _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker)
 
     # ---------------------------------------------------------------- final evaluation and summary
     after = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
@@ -288,10 +301,11 @@ def _no_grad_logp(policy, rollout: Rollout) -> torch.Tensor:
         return policy.log_probs(rollout)[0]
 
 
-def _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before) -> None:
+def _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker=None) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": rng_state(), "step": step, "before": before}
+                 "sampler": sampler.state_dict(), "rng": rng_state(), "step": step, "before": before,
+                 "tracker": tracker.state_dict() if tracker is not None else None}
         save_checkpoint(ckpt_dir, step, policy.save_pretrained, state, cfg.checkpoint.keep_last)
     acc.wait_for_everyone()

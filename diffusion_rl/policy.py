@@ -1,0 +1,239 @@
+"""A Stable-Diffusion-family pipeline as an RL policy whose actions are denoising steps.
+
+The denoising loop is written out here (not delegated to the pipeline's __call__) so every step's
+Gaussian log-probability is known (diffusion_rl/steps.py):
+
+- `sample` draws x_T and every step's noise from a generator keyed by (seed, global sample id), so a
+  sample is identical under any batch or process layout; it stores the trajectory (x_t and x_{t-1}
+  per step, timesteps, prompt embeddings) and the sampling log-probs, and decodes x_0 with the VAE.
+- `log_probs` recomputes log p(x_{t-1} | x_t) of the stored transitions under the current UNet, for
+  the trained steps only (mask), in ONE flattened UNet batch of (sample, step) pairs: the UNet batch
+  is micro_batch_size x trained steps (x 2 with classifier-free guidance).
+- the reference is a frozen copy of the UNet, or the same UNet with its LoRA adapter disabled.
+
+Classifier-free guidance is part of the policy: eps = eps_u + g (eps_c - eps_u), in sampling and in
+log-probs alike (as DDPO trains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from diffusion_rl.steps import STEPS, Schedule, ddim_mean_std, step_kl
+from shared.rollout import Rollout
+
+NOISE_STREAM = 1_000_003  # generator seed = seed * NOISE_STREAM + sample id
+EVAL_SEED = 999_983  # evaluation images use seed EVAL_SEED and sample id = the row's "seed"
+
+
+class GuidedUNet(nn.Module):
+    """Noise prediction with classifier-free guidance: the module accelerate wraps and training calls."""
+
+    def __init__(self, unet: nn.Module, guidance_scale: float):
+        super().__init__()
+        self.model = unet
+        self.guidance_scale = guidance_scale
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor) -> Tensor:
+        return guided_eps(self.model, x, t, cond, uncond, self.guidance_scale)
+
+
+def guided_eps(unet, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, g: float) -> Tensor:
+    """eps_u + g (eps_c - eps_u) from one UNet call on the doubled batch (g = 1: conditional only)."""
+    if g == 1.0:
+        return unet(x, t, encoder_hidden_states=cond).sample
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+    u, c = out.chunk(2)
+    return u + g * (c - u)
+
+
+def latent_shape(unet) -> tuple[int, int, int]:
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return unet.config.in_channels, h, w
+
+
+def to_images(decoded: Tensor) -> list[Image.Image]:
+    """VAE output in [-1, 1], [N, 3, H, W] -> RGB PIL images."""
+    arr = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+class DiffusionPolicy:
+    def __init__(self, pipe, unet: nn.Module | None = None, num_steps: int = 10, guidance_scale: float = 3.0,
+                 eta: float = 1.0, eval_eta: float = 0.0, timestep_fraction: float = 1.0, step: str = "ddim"):
+        from diffusers import DDIMScheduler
+
+        self.module: nn.Module = GuidedUNet(unet if unet is not None else pipe.unet, guidance_scale)
+        self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(False).eval()
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(num_steps)
+        self.schedule = Schedule.from_scheduler(self.scheduler)
+        self.step = STEPS[step]
+        self.num_steps, self.guidance_scale = num_steps, guidance_scale
+        self.eta, self.eval_eta, self.timestep_fraction = eta, eval_eta, timestep_fraction
+        self.unwrap = lambda m: m  # replaced by accelerator.unwrap_model once prepared
+        self._reference: nn.Module | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def unet(self) -> nn.Module:
+        return self.unwrap(self.module).model
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        return self.text_encoder(tok.input_ids.to(self.text_encoder.device))[0].to(self.device)
+
+    def noise(self, seed: int, sample_ids: list[int]) -> Tensor:
+        """[B, S + 1, C, H, W]: x_T and each step's noise, from one CPU generator per sample."""
+        shape = (self.num_steps + 1, *latent_shape(self.unet()))
+        out = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * NOISE_STREAM + i)) for i in sample_ids]
+        return torch.stack(out).to(self.device)
+
+    def trained_steps(self, seed: int, sample_ids: list[int]) -> Tensor:
+        """[B, S] mask of the steps trained for each sample (a random subset when timestep_fraction < 1)."""
+        S = self.num_steps
+        k = max(1, round(self.timestep_fraction * S))
+        mask = torch.zeros(len(sample_ids), S)
+        for row, i in enumerate(sample_ids):
+            g = torch.Generator().manual_seed(seed * NOISE_STREAM + i + 7)
+            mask[row, torch.randperm(S, generator=g)[:k]] = 1.0
+        return mask.to(self.device)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return to_images(self.vae.decode(z).sample)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference as a GuidedUNet: the base with the LoRA adapter disabled, or the copy."""
+        inner = self.unwrap(self.module)
+        if hasattr(inner.model, "disable_adapter"):
+            with inner.model.disable_adapter():
+                yield inner
+        elif self._reference is None:
+            raise RuntimeError("reference requested but not built: call build_reference() first")
+        else:
+            yield self._reference
+
+    @torch.no_grad()
+    def denoise(self, eps_fn, noise: Tensor, cond: Tensor, uncond: Tensor, eta: float, on_step=None) -> Tensor:
+        """The sampling loop: x_T = noise[:, 0], then one step per timestep; returns x_0.
+
+        `eps_fn(x, t, cond, uncond)` predicts the (guided) noise; `on_step(s, x_t, t, eps, x_prev, logp)`
+        sees every transition (trajectory storage, KL).
+        """
+        x = noise[:, 0]
+        for s, t in enumerate(self.scheduler.timesteps.tolist()):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            eps = eps_fn(x, tt, cond, uncond)
+            x_prev, logp = self.step(eps, x, tt, self.schedule, eta, noise=noise[:, s + 1])
+            if on_step is not None:
+                on_step(s, x, tt, eps, x_prev, logp)
+            x = x_prev
+        return x
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def sample(self, rows: list[dict], n: int, seed: int, first_sample_id: int, first_group_id: int) -> Rollout:
+        t0 = time.perf_counter()
+        rows_rep = [r for r in rows for _ in range(n)]
+        ids = list(range(first_sample_id, first_sample_id + len(rows_rep)))
+        cond = self.encode_prompts([r["prompt"] for r in rows]).repeat_interleave(n, 0)
+        uncond = self.encode_prompts([""]).expand_as(cond).contiguous()
+        traj: dict[str, list] = {"latents": [], "next_latents": [], "timesteps": [], "logp": []}
+
+        def store(s, x, t, eps, x_prev, logp):
+            traj["latents"].append(x), traj["next_latents"].append(x_prev)
+            traj["timesteps"].append(t), traj["logp"].append(logp)
+
+        was_training = self.module.training
+        self.module.eval()
+        x0 = self.denoise(self.unwrap(self.module), self.noise(seed, ids), cond, uncond, self.eta, store)
+        self.module.train(was_training)
+        images = self.decode(x0)
+        S, B = self.num_steps, len(rows_rep)
+        inputs = {k: torch.stack(traj[k], 1) for k in ("latents", "next_latents", "timesteps")}
+        inputs |= {"prompt_embeds": cond, "negative_embeds": uncond}
+        stats = {"completion_len_mean": float(S), "completion_len_max": float(S), "truncated_frac": 0.0,
+                 "sample_tokens": float(B * S), "sample_seconds": time.perf_counter() - t0}
+        return Rollout(inputs=inputs, mask=self.trained_steps(seed, ids),
+                       group_ids=torch.arange(first_group_id, first_group_id + len(rows)).repeat_interleave(n),
+                       completions=images, rows=rows_rep, old_logp=torch.stack(traj["logp"], 1).float(), stats=stats)
+
+    def _transition_logp(self, eps_model, batch: Rollout) -> Tensor:
+        """log p(x_{t-1} | x_t) [B, S] of the stored transitions at the trained steps (0 elsewhere)."""
+        inp = batch.inputs
+        b, s = batch.mask.nonzero(as_tuple=True)
+        x, t = inp["latents"][b, s], inp["timesteps"][b, s]
+        eps = eps_model(x, t, inp["prompt_embeds"][b], inp["negative_embeds"][b])
+        _, lp = self.step(eps, x, t, self.schedule, self.eta, x_prev=inp["next_latents"][b, s])
+        out = torch.zeros(batch.mask.shape, dtype=lp.dtype, device=lp.device)
+        return out.index_put((b, s), lp)
+
+    def log_probs(self, batch: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-step log-probs under the trained UNet (gradients flow). The step entropy is a constant of
+        the schedule (Gaussian with fixed std), so no entropy is returned."""
+        return self._transition_logp(self.module, batch), None
+
+    @torch.no_grad()
+    def reference_log_probs(self, batch: Rollout) -> Tensor:
+        with self.reference() as ref:
+            return self._transition_logp(ref, batch)
+
+    def build_reference(self) -> None:
+        """Freeze a copy of the current UNet as the reference (not needed with LoRA; built once)."""
+        inner = self.unwrap(self.module)
+        if hasattr(inner.model, "disable_adapter") or self._reference is not None:
+            return
+        self._reference = copy.deepcopy(inner).requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def complete(self, rows: list[dict]) -> list[dict]:
+        """Per row (seeded by `row["seed"]`): the evaluation image (eta = eval_eta; 0 is the ODE sampler),
+        the training-sampler image (eta = eta) and the KL to the reference along that SDE trajectory
+        (sum over steps of the closed-form per-step KL, averaged over latent dims; None without a
+        reference)."""
+        noise = self.noise(EVAL_SEED, [int(r.get("seed", i)) for i, r in enumerate(rows)])
+        cond = self.encode_prompts([r["prompt"] for r in rows])
+        uncond = self.encode_prompts([""]).expand_as(cond).contiguous()
+        inner = self.unwrap(self.module)
+        was_training = inner.training
+        inner.eval()
+        ode = self.decode(self.denoise(inner, noise, cond, uncond, self.eval_eta))
+        has_ref = self._reference is not None or hasattr(inner.model, "disable_adapter")
+        kl = torch.zeros(len(rows), device=self.device)
+
+        def add_kl(s, x, t, eps, x_prev, logp):
+            with self.reference() as ref:
+                eps_ref = ref(x, t, cond, uncond)
+            mean, std = ddim_mean_std(eps, x, t, self.schedule, self.eta)
+            mean_ref, _ = ddim_mean_std(eps_ref, x, t, self.schedule, self.eta)
+            kl.add_(step_kl(mean, mean_ref, std))
+
+        sde = self.decode(self.denoise(inner, noise, cond, uncond, self.eta, add_kl if has_ref else None))
+        inner.train(was_training)
+        return [{"image": o, "sde_image": s_, "kl": float(k) if has_ref else None} for o, s_, k in zip(ode, sde, kl)]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def save_pretrained(self, path) -> None:
+        """The UNet (or its LoRA adapter) in diffusers/peft format."""
+        self.unet().save_pretrained(path, safe_serialization=True)

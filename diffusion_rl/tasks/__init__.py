@@ -1,0 +1,1 @@
+"""Diffusion tasks: prompt sets (with the fields rewards read) and the held-out metric."""
