@@ -24,10 +24,13 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 # Embedded quickstarts: SFT warm-up (cached) then GRPO, on arithmetic (text) and shapes detection
-# (vision, Visual-RFT rewards, COCO mAP); each prints its summary.json.
+# (vision, Visual-RFT rewards, COCO mAP); then the diffusion one (pre-trained tiny pipeline, PRDP) and
+# an RLG sweep between its base and its RL checkpoint. Each prints its summary.
 demo: install
 	$(VENV)/bin/rlft train configs/llm/arithmetic_grpo.yaml
 	$(VENV)/bin/rlft train configs/vision/shapes_detection_grpo.yaml
+	$(VENV)/bin/rlft train configs/diffusion/shapes_prdp.yaml
+	$(VENV)/bin/rlft sample configs/diffusion/shapes_prdp.yaml checkpoint=latest ws=[0,0.5,1,1.5,2,3]
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -34,7 +34,7 @@ def build_text_encoder(tokenizer, dim: int = 32, layers: int = 2, heads: int = 2
     return CLIPTextModel(cfg)
 
 
-def build_vae(channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4, image_size: int = 32):
+def build_vae(channels: tuple[int, ...] = (16, 32, 32), latent_channels: int = 4, image_size: int = 32):
     """AutoencoderKL that downsamples by 2**(len(channels) - 1)."""
     from diffusers import AutoencoderKL
 

@@ -7,8 +7,10 @@ Gaussian log-probability is known (diffusion_rl/steps.py):
   sample is identical under any batch or process layout; it stores the trajectory (x_t and x_{t-1}
   per step, timesteps, prompt embeddings) and the sampling log-probs, and decodes x_0 with the VAE.
 - `log_probs` recomputes log p(x_{t-1} | x_t) of the stored transitions under the current UNet, for
-  the trained steps only (mask), in ONE flattened UNet batch of (sample, step) pairs: the UNet batch
-  is micro_batch_size x trained steps (x 2 with classifier-free guidance).
+  the trained steps only (mask), as flattened UNet batches of (sample, step) pairs:
+  `model.logprob_chunk_size` pairs per call (x 2 with classifier-free guidance), each chunk
+  activation-checkpointed when there are several, so a micro-batch of long trajectories fits.
+  Sampling denoises and decodes `task.sample_batch_size` images at a time.
 - the reference is a frozen copy of the UNet, or the same UNet with its LoRA adapter disabled.
 
 Classifier-free guidance is part of the policy: eps = eps_u + g (eps_c - eps_u), in sampling and in
@@ -23,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 from torch import Tensor, nn
 
@@ -68,7 +71,8 @@ def to_images(decoded: Tensor) -> list[Image.Image]:
 
 class DiffusionPolicy:
     def __init__(self, pipe, unet: nn.Module | None = None, num_steps: int = 10, guidance_scale: float = 3.0,
-                 eta: float = 1.0, eval_eta: float = 0.0, timestep_fraction: float = 1.0, step: str = "ddim"):
+                 eta: float = 1.0, eval_eta: float = 0.0, timestep_fraction: float = 1.0, step: str = "ddim",
+                 sample_batch_size: int = 64, logprob_chunk_size: int = 1024):
         from diffusers import DDIMScheduler
 
         self.module: nn.Module = GuidedUNet(unet if unet is not None else pipe.unet, guidance_scale)
@@ -81,6 +85,7 @@ class DiffusionPolicy:
         self.step = STEPS[step]
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         self.eta, self.eval_eta, self.timestep_fraction = eta, eval_eta, timestep_fraction
+        self.sample_batch_size, self.logprob_chunk_size = sample_batch_size, logprob_chunk_size
         self.unwrap = lambda m: m  # replaced by accelerator.unwrap_model once prepared
         self._reference: nn.Module | None = None
 
@@ -118,6 +123,17 @@ class DiffusionPolicy:
     def decode(self, latents: Tensor) -> list[Image.Image]:
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return to_images(self.vae.decode(z).sample)
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Sampling runs the trained module in eval mode (no LoRA dropout), restoring its mode after."""
+        inner = self.unwrap(self.module)
+        was_training = inner.training
+        inner.eval()
+        try:
+            yield inner
+        finally:
+            inner.train(was_training)
 
     @contextlib.contextmanager
     def reference(self):
@@ -162,27 +178,46 @@ class DiffusionPolicy:
             traj["latents"].append(x), traj["next_latents"].append(x_prev)
             traj["timesteps"].append(t), traj["logp"].append(logp)
 
-        was_training = self.module.training
-        self.module.eval()
-        x0 = self.denoise(self.unwrap(self.module), self.noise(seed, ids), cond, uncond, self.eta, store)
-        self.module.train(was_training)
-        images = self.decode(x0)
+        images, parts = [], []
+        with self.eval_mode() as model:
+            for c in range(0, len(ids), self.sample_batch_size):  # bounded memory: denoise and decode in chunks
+                part = slice(c, c + self.sample_batch_size)
+                x0 = self.denoise(model, self.noise(seed, ids[part]), cond[part], uncond[part], self.eta, store)
+                images += self.decode(x0)
+                parts.append({k: torch.stack(v, 1) for k, v in traj.items()})
+                traj = {k: [] for k in traj}
         S, B = self.num_steps, len(rows_rep)
-        inputs = {k: torch.stack(traj[k], 1) for k in ("latents", "next_latents", "timesteps")}
+        inputs = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "next_latents", "timesteps")}
         inputs |= {"prompt_embeds": cond, "negative_embeds": uncond}
         stats = {"completion_len_mean": float(S), "completion_len_max": float(S), "truncated_frac": 0.0,
                  "sample_tokens": float(B * S), "sample_seconds": time.perf_counter() - t0}
         return Rollout(inputs=inputs, mask=self.trained_steps(seed, ids),
                        group_ids=torch.arange(first_group_id, first_group_id + len(rows)).repeat_interleave(n),
-                       completions=images, rows=rows_rep, old_logp=torch.stack(traj["logp"], 1).float(), stats=stats)
+                       completions=images, rows=rows_rep, old_logp=torch.cat([p["logp"] for p in parts]).float(),
+                       stats=stats)
+
+    def _chunk_logp(self, eps_model, x, t, cond, uncond, x_prev) -> Tensor:
+        eps = eps_model(x, t, cond, uncond)
+        return self.step(eps, x, t, self.schedule, self.eta, x_prev=x_prev)[1]
 
     def _transition_logp(self, eps_model, batch: Rollout) -> Tensor:
-        """log p(x_{t-1} | x_t) [B, S] of the stored transitions at the trained steps (0 elsewhere)."""
+        """log p(x_{t-1} | x_t) [B, S] of the stored transitions at the trained steps (0 elsewhere).
+
+        The (sample, step) pairs go through the UNet `logprob_chunk_size` at a time; with several chunks
+        and gradients on, each chunk is activation-checkpointed, so memory holds one chunk's activations.
+        """
         inp = batch.inputs
         b, s = batch.mask.nonzero(as_tuple=True)
-        x, t = inp["latents"][b, s], inp["timesteps"][b, s]
-        eps = eps_model(x, t, inp["prompt_embeds"][b], inp["negative_embeds"][b])
-        _, lp = self.step(eps, x, t, self.schedule, self.eta, x_prev=inp["next_latents"][b, s])
+        args = (inp["latents"][b, s], inp["timesteps"][b, s], inp["prompt_embeds"][b], inp["negative_embeds"][b],
+                inp["next_latents"][b, s])
+        k = self.logprob_chunk_size
+        checkpoint = torch.is_grad_enabled() and len(b) > k
+        lps = []
+        for c in range(0, len(b), k):
+            chunk = [a[c : c + k] for a in args]
+            lps.append(torch.utils.checkpoint.checkpoint(self._chunk_logp, eps_model, *chunk, use_reentrant=False)
+                       if checkpoint else self._chunk_logp(eps_model, *chunk))
+        lp = torch.cat(lps)
         out = torch.zeros(batch.mask.shape, dtype=lp.dtype, device=lp.device)
         return out.index_put((b, s), lp)
 
@@ -213,22 +248,19 @@ class DiffusionPolicy:
         noise = self.noise(EVAL_SEED, [int(r.get("seed", i)) for i, r in enumerate(rows)])
         cond = self.encode_prompts([r["prompt"] for r in rows])
         uncond = self.encode_prompts([""]).expand_as(cond).contiguous()
-        inner = self.unwrap(self.module)
-        was_training = inner.training
-        inner.eval()
-        ode = self.decode(self.denoise(inner, noise, cond, uncond, self.eval_eta))
-        has_ref = self._reference is not None or hasattr(inner.model, "disable_adapter")
-        kl = torch.zeros(len(rows), device=self.device)
+        with self.eval_mode() as inner:
+            ode = self.decode(self.denoise(inner, noise, cond, uncond, self.eval_eta))
+            has_ref = self._reference is not None or hasattr(inner.model, "disable_adapter")
+            kl = torch.zeros(len(rows), device=self.device)
 
-        def add_kl(s, x, t, eps, x_prev, logp):
-            with self.reference() as ref:
-                eps_ref = ref(x, t, cond, uncond)
-            mean, std = ddim_mean_std(eps, x, t, self.schedule, self.eta)
-            mean_ref, _ = ddim_mean_std(eps_ref, x, t, self.schedule, self.eta)
-            kl.add_(step_kl(mean, mean_ref, std))
+            def add_kl(s, x, t, eps, x_prev, logp):
+                with self.reference() as ref:
+                    eps_ref = ref(x, t, cond, uncond)
+                mean, std = ddim_mean_std(eps, x, t, self.schedule, self.eta)
+                mean_ref, _ = ddim_mean_std(eps_ref, x, t, self.schedule, self.eta)
+                kl.add_(step_kl(mean, mean_ref, std))
 
-        sde = self.decode(self.denoise(inner, noise, cond, uncond, self.eta, add_kl if has_ref else None))
-        inner.train(was_training)
+            sde = self.decode(self.denoise(inner, noise, cond, uncond, self.eta, add_kl if has_ref else None))
         return [{"image": o, "sde_image": s_, "kl": float(k) if has_ref else None} for o, s_, k in zip(ode, sde, kl)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -65,7 +65,7 @@ def train_vae(pipe, task, wcfg, rng: random.Random, log) -> list[float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 100 == 0:
             log(f"vae step {step}: reconstruction loss {sum(losses[-100:]) / 100:.4f}")
     vae.eval().requires_grad_(False)
@@ -98,7 +98,7 @@ def train_unet(pipe, task, wcfg, rng: random.Random, log) -> list[float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 100 == 0:
             log(f"unet step {step}: denoising loss {sum(losses[-100:]) / 100:.4f}")
     return losses

@@ -12,6 +12,8 @@ reported for every objective, with or without a KL term in the loss.
 
 from __future__ import annotations
 
+import torch
+
 import diffusion_rl.objectives  # noqa: F401  (registers PRDP)
 import diffusion_rl.rewards  # noqa: F401  (registers the image rewards)
 from diffusion_rl.embedded import build_pipeline
@@ -46,8 +48,10 @@ def load_pipeline(cfg: RunConfig, task, accelerator):
     if m.name_or_path == "embedded":
         if not isinstance(t, ShapePromptsConfig):
             raise ConfigError("model.name_or_path: 'embedded' is only defined for task 'shape_prompts'; give a path or hub id")
-        if not cfg.warmup.enabled:  # untrained weights: for tests of the machinery only
-            return build_pipeline(task.words(), t.image_size, t.unet_channels, t.text_dim), info
+        if not cfg.warmup.enabled:  # untrained weights (for tests of the machinery), the same in every process
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                return build_pipeline(task.words(), t.image_size, t.unet_channels, t.text_dim), info
         cache = pretrain_dir(cfg)
         if not (cache / "warmup.json").exists():
             if accelerator.is_main_process:
@@ -62,7 +66,7 @@ def load_pipeline(cfg: RunConfig, task, accelerator):
                               "a checkpoint starts RL as it is")
         path = m.name_or_path
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=DTYPES[m.dtype], safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=DTYPES[m.dtype], safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name_or_path: cannot load pipeline {path!r}: {str(e).splitlines()[0]}") from None
@@ -89,7 +93,8 @@ def apply_lora(unet, cfg: RunConfig):
 def make_policy(pipe, unet, cfg: RunConfig) -> DiffusionPolicy:
     t = cfg.task_config()
     return DiffusionPolicy(pipe, unet, num_steps=t.num_steps, guidance_scale=t.guidance_scale, eta=t.eta,
-                           eval_eta=t.eval_eta, timestep_fraction=t.timestep_fraction)
+                           eval_eta=t.eval_eta, timestep_fraction=t.timestep_fraction,
+                           sample_batch_size=t.sample_batch_size, logprob_chunk_size=cfg.model.logprob_chunk_size)
 
 
 def build(cfg: RunConfig, accelerator) -> Components:

@@ -184,12 +184,17 @@ class AestheticMLP(nn.Module):
         return self.layers(embeds)
 
 
-def _load_clip(path: str, name: str, processor: str):
+def _device(device: str) -> torch.device:
+    """'auto': the GPU when there is one (reward models are large: ViT-L/H), else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def _load_clip(path: str, name: str, processor: str, device: str = "auto"):
     """(CLIPModel, processor) from a local path in eval mode, or a one-line ValueError naming the path."""
     import transformers
 
     try:
-        model = transformers.CLIPModel.from_pretrained(path).eval()
+        model = transformers.CLIPModel.from_pretrained(path).eval().to(_device(device))
         proc = getattr(transformers, processor).from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - any load failure becomes a config error
         raise ValueError(f"{name}: cannot load CLIP from {path!r}: {_why(e)}") from None
@@ -213,28 +218,28 @@ def load_aesthetic_head(path: str, dim: int) -> AestheticMLP:
 
 
 @register_reward("aesthetic")
-def aesthetic(clip_path: str, head_path: str) -> RewardFn:
+def aesthetic(clip_path: str, head_path: str, device: str = "auto") -> RewardFn:
     """LAION aesthetic score: head(e / ||e||), e = CLIP get_image_features(image), as in DDPO."""
 
     def load():
-        clip, proc = _load_clip(clip_path, "aesthetic", "CLIPImageProcessor")
-        return clip, proc, load_aesthetic_head(head_path, clip.config.projection_dim)
+        clip, proc = _load_clip(clip_path, "aesthetic", "CLIPImageProcessor", device)
+        return clip, proc, load_aesthetic_head(head_path, clip.config.projection_dim).to(clip.device)
 
     models = _once(load)
 
     @torch.no_grad()
     def score(images: list[Image.Image], idx: list[int]) -> list[float]:
         clip, proc, head = models()
-        pixels = proc(images=images, return_tensors="pt")["pixel_values"]
+        pixels = proc(images=images, return_tensors="pt")["pixel_values"].to(clip.device)
         return head(_normalise(_embeds(clip.get_image_features(pixel_values=pixels)))).squeeze(-1).tolist()
 
     return lambda completions, **fields: _per_image(completions, score)
 
 
 @register_reward("clip_score")
-def clip_score(model_path: str, scale: float = 1.0) -> RewardFn:
+def clip_score(model_path: str, scale: float = 1.0, device: str = "auto") -> RewardFn:
     """PickScore-style: scale * exp(logit_scale) * cos(text_embeds(prompt), image_embeds) per (image, prompt)."""
-    models = _once(lambda: _load_clip(model_path, "clip_score", "AutoProcessor"))
+    models = _once(lambda: _load_clip(model_path, "clip_score", "AutoProcessor", device))
 
     def reward(completions: list, **fields: list) -> list[float | None]:
         prompts = reward_field(fields, "prompt", len(completions), "clip_score")
@@ -245,8 +250,9 @@ def clip_score(model_path: str, scale: float = 1.0) -> RewardFn:
             max_len = model.config.text_config.max_position_embeddings
             texts = [str(prompts[i]) for i in idx]
             text = proc(text=texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            pixels = proc(images=images, return_tensors="pt")["pixel_values"]
-            t = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+            pixels = proc(images=images, return_tensors="pt")["pixel_values"].to(model.device)
+            t = model.get_text_features(input_ids=text["input_ids"].to(model.device),
+                                        attention_mask=text["attention_mask"].to(model.device))
             t = _normalise(_embeds(t))
             v = _normalise(_embeds(model.get_image_features(pixel_values=pixels)))
             return (scale * model.logit_scale.exp() * (t * v).sum(-1)).tolist()

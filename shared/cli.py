@@ -3,6 +3,8 @@
     rlft train CONFIG [key.sub=value ...]            RL (after the configured SFT warm-up); resume=true continues
     rlft eval CONFIG checkpoint=PATH [key=value ...]  held-out metric of a checkpoint -> eval.json
     rlft validate CONFIG [key=value ...]             check a config and print it resolved
+    rlft sample CONFIG checkpoint=PATH|latest [ws=[0,0.5,1,1.5,2]] [w_end=W] [out=DIR]
+                                                     diffusion RLG sweep: base + w (RL - base) -> grid, rewards, plot
 
 A bad config, a missing file or a malformed data row is one line on stderr and exit code 2.
 """
@@ -61,7 +63,9 @@ def cmd_eval(args) -> int:
     if ckpt is not None:
         if not ckpt.exists():
             raise UserError(f"checkpoint={ckpt}: no such directory")
-        cfg.warmup.enabled = False  # the checkpoint's weights replace any warm start
+        # the checkpoint's weights replace the warm start; a diffusion checkpoint holds the UNet only, so
+        # the warmed-up (cached) VAE and text encoder of the embedded pipeline are still needed
+        cfg.warmup.enabled = cfg.warmup.enabled and cfg.domain == "diffusion"
     acc = make_accelerator(cfg)
     comps = build_components(cfg, acc)
     if ckpt is not None:
@@ -81,6 +85,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _checkpoint_path(cfg, value: str) -> Path:
+    """checkpoint=PATH, or checkpoint=latest for the run's newest checkpoint."""
+    from shared.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(cfg.run_dir / "checkpoints") if value == "latest" else Path(value)
+    if ckpt is None or not ckpt.exists():
+        raise UserError(f"checkpoint={value}: no such checkpoint" + (f" under {cfg.run_dir}/checkpoints" if value == "latest" else ""))
+    return ckpt / "model" if (ckpt / "model").is_dir() else ckpt
+
+
+def cmd_sample(args) -> int:
+    """RLG (diffusion): sweep the guidance weight between the base (reference) and the RL checkpoint."""
+    from shared.config import yaml_load
+
+    overrides, special = _split_special(args.overrides, ("checkpoint", "ws", "w_end", "out"))
+    cfg = load_config(args.config, overrides)
+    if cfg.domain != "diffusion":
+        raise UserError(f"rlft sample: RL guidance is defined for diffusion configs; {args.config} has domain {cfg.domain!r}")
+    if "checkpoint" not in special:
+        raise UserError("rlft sample: give checkpoint=PATH (or checkpoint=latest) of the RL model")
+    ckpt = _checkpoint_path(cfg, special["checkpoint"])
+    try:
+        ws = [float(w) for w in yaml_load(special.get("ws", "[0, 0.5, 1, 1.5, 2]"))]
+        w_end = float(special["w_end"]) if "w_end" in special else None
+    except (TypeError, ValueError):
+        raise UserError(f"ws={special.get('ws')!r} / w_end={special.get('w_end')!r}: expected numbers, e.g. ws=[0,1,2]") from None
+    from diffusion_rl.guidance import sweep
+    from shared.checkpoint import load_hf_weights
+    from shared.loop import make_accelerator
+    from shared.recipe import build_components
+
+    acc = make_accelerator(cfg)
+    comps = build_components(cfg, acc)  # the policy's reference is the base: snapshotted before loading
+    load_hf_weights(comps.policy.module.model, ckpt)
+    rows = comps.task.split("eval")[: cfg.eval.max_prompts]
+    out = Path(special.get("out", cfg.run_dir / "rlg"))
+    result = sweep(comps.policy, rows, comps.reward, ws, out, w_end)
+    for w, r in zip(result["ws"], result["mean_reward"]):
+        print(f"w = {w:g}: mean reward {r:.4f}")
+    print(f"grid, plot and rewards in {out}/")
+    acc.end_training()
+    return 0
+
+
 def cmd_validate(args) -> int:
     import yaml
 
@@ -94,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("train", cmd_train, "run RL from a config"),
                             ("eval", cmd_eval, "evaluate a checkpoint on the held-out split"),
-                            ("validate", cmd_validate, "check a config and print it resolved")):
+                            ("validate", cmd_validate, "check a config and print it resolved"),
+                            ("sample", cmd_sample, "diffusion: RL-guidance sweep between the base and a checkpoint")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")

@@ -59,7 +59,8 @@ class ModelConfig(Strict):
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of all weights")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     logprob_chunk_size: int = Field(
-        1024, gt=0, description="completion tokens per chunk when computing log-probs from hidden states"
+        1024, gt=0, description="completion tokens (LM/VLM) or denoising transitions (diffusion) per chunk when "
+        "computing log-probs"
     )
     trust_remote_code: bool = False
     freeze_vision: bool = Field(True, description="vision-language models: keep the vision tower frozen (LoRA, if "

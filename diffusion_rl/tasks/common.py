@@ -20,7 +20,9 @@ class DiffusionTaskConfig(Strict):
     eval_eta: float = Field(0.0, ge=0, description="DDIM noise level of held-out images (0: the ODE sampler)")
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="fraction of each trajectory's steps trained "
                                      "(a random subset per sample; DDPO's timestep_fraction)")
-    eval_images: int = Field(8, gt=0, description="images per held-out prompt in the report (fixed seeds)")
+    eval_images: int = Field(8, gt=0, description="images per held-out prompt in the report (fixed seeds); "
+                             "eval.max_prompts counts images")
+    sample_batch_size: int = Field(64, gt=0, description="images denoised and decoded at once when sampling")
 
 
 def held_out_metrics(reward, completions: list[dict], rows: list[dict]) -> dict[str, float]:
