@@ -71,7 +71,7 @@ def to_images(decoded: Tensor) -> list[Image.Image]:
 
 class DiffusionPolicy:
     def __init__(self, pipe, unet: nn.Module | None = None, num_steps: int = 10, guidance_scale: float = 3.0,
-                 eta: float = 1.0, eval_eta: float = 0.0, timestep_fraction: float = 1.0, step: str = "ddim",
+                 eta: float = 1.0, eval_eta: float = 1.0, timestep_fraction: float = 1.0, step: str = "ddim",
                  sample_batch_size: int = 64, logprob_chunk_size: int = 1024):
         from diffusers import DDIMScheduler
 
@@ -241,27 +241,36 @@ class DiffusionPolicy:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def complete(self, rows: list[dict]) -> list[dict]:
-        """Per row (seeded by `row["seed"]`): the evaluation image (eta = eval_eta; 0 is the ODE sampler),
-        the training-sampler image (eta = eta) and the KL to the reference along that SDE trajectory
-        (sum over steps of the closed-form per-step KL, averaged over latent dims; None without a
-        reference)."""
+        """Per row, from fixed noise seeded by `row["seed"]`: the held-out image (DDIM with eta = eval_eta,
+        1 by default: the training sampler), the deterministic ODE image (eta = 0), and the KL of the
+        stochastic trajectory to the reference (sum over steps of the closed-form per-step KL, averaged
+        over latent dims; None without a reference)."""
         noise = self.noise(EVAL_SEED, [int(r.get("seed", i)) for i, r in enumerate(rows)])
         cond = self.encode_prompts([r["prompt"] for r in rows])
         uncond = self.encode_prompts([""]).expand_as(cond).contiguous()
+        kl_eta = self.eval_eta if self.eval_eta > 0 else self.eta  # the KL needs a stochastic trajectory
+        kl = torch.zeros(len(rows), device=self.device)
         with self.eval_mode() as inner:
-            ode = self.decode(self.denoise(inner, noise, cond, uncond, self.eval_eta))
             has_ref = self._reference is not None or hasattr(inner.model, "disable_adapter")
-            kl = torch.zeros(len(rows), device=self.device)
 
             def add_kl(s, x, t, eps, x_prev, logp):
                 with self.reference() as ref:
                     eps_ref = ref(x, t, cond, uncond)
-                mean, std = ddim_mean_std(eps, x, t, self.schedule, self.eta)
-                mean_ref, _ = ddim_mean_std(eps_ref, x, t, self.schedule, self.eta)
+                mean, std = ddim_mean_std(eps, x, t, self.schedule, kl_eta)
+                mean_ref, _ = ddim_mean_std(eps_ref, x, t, self.schedule, kl_eta)
                 kl.add_(step_kl(mean, mean_ref, std))
 
-            sde = self.decode(self.denoise(inner, noise, cond, uncond, self.eta, add_kl if has_ref else None))
-        return [{"image": o, "sde_image": s_, "kl": float(k) if has_ref else None} for o, s_, k in zip(ode, sde, kl)]
+            track = add_kl if has_ref else None
+            stochastic = self.eval_eta > 0
+            images = self.decode(self.denoise(inner, noise, cond, uncond, self.eval_eta, track if stochastic else None))
+            if stochastic:
+                ode = self.decode(self.denoise(inner, noise, cond, uncond, 0.0))
+            else:
+                ode = images
+                if has_ref:
+                    self.denoise(inner, noise, cond, uncond, kl_eta, track)
+        return [{"image": im, "ode_image": od, "kl": float(k) if has_ref else None}
+                for im, od, k in zip(images, ode, kl)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]

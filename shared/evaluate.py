@@ -3,6 +3,10 @@
 A task scores either per sample (`score`, averaged) or, when it defines `metrics(completions, rows)`,
 over the whole split at once (e.g. COCO mAP, which ranks detections across images). In that case
 every process gathers all completions in row order and computes the same numbers.
+
+A task that defines `sample_grid(completions, rows) -> PIL.Image` (image generators) gets its held-out
+samples drawn into `samples_to` by the main process, so a run keeps a visual record of every
+evaluation (reward hacking shows there first).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import torch
 
 
 @torch.no_grad()
-def evaluate(policy, task, split: str, max_prompts: int, batch_size: int, accelerator=None) -> dict[str, float]:
+def evaluate(policy, task, split: str, max_prompts: int, batch_size: int, accelerator=None,
+             samples_to=None) -> dict[str, float]:
     rows = task.split(split)[:max_prompts]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = list(range(rank, len(rows), world))
@@ -29,5 +34,10 @@ def evaluate(policy, task, split: str, max_prompts: int, batch_size: int, accele
         done = gather_object(done)
     if corpus:
         ordered = [c for _, c in sorted(done, key=lambda x: x[0])]
+        if samples_to is not None and hasattr(task, "sample_grid") and (accelerator is None or accelerator.is_main_process):
+            from pathlib import Path
+
+            Path(samples_to).parent.mkdir(parents=True, exist_ok=True)
+            task.sample_grid(ordered, rows).save(samples_to)
         return task.metrics(ordered, rows) | {"n": float(len(ordered))}
     return {task.metric: sum(done) / max(len(done), 1), "n": float(len(done))}

@@ -103,7 +103,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         dump_config(cfg, run_dir / "config.yaml")
     before = state.get("before")
     if before is None:
-        before = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
+        before = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
+                          samples_to=run_dir / "samples" / "step_000000.png")
     logger = RunLogger(run_dir, t.steps, start_step, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
                        progress=cfg.logging.progress)
     if start_step == 0:
@@ -216,7 +217,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         # 7. periodic evaluation and checkpoint
         evaluated = bool(cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps)
         if evaluated:
-            held_out = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
+            held_out = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
+                                samples_to=run_dir / "samples" / f"step_{step:06d}.png")
             metrics_out.update({f"eval/{k}": v for k, v in held_out.items()})
         if evaluated or step % cfg.logging.every == 0 or step == t.steps:
             logger.log(step, metrics_out)
@@ -227,7 +229,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker)
 
     # ---------------------------------------------------------------- final evaluation and summary
-    after = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
+    after = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
+                     samples_to=run_dir / "samples" / f"step_{t.steps:06d}.png")
     logger.log(t.steps, {f"eval/{k}": v for k, v in after.items()})
     logger.close()
     summary = {
@@ -235,6 +238,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         "higher_is_better": task.higher_is_better,
         "before": before[task.metric],
         "after": after[task.metric],
+        "before_metrics": before,  # every held-out metric (e.g. AP50, mIoU, reward_sde, kl_to_base)
+        "after_metrics": after,
         "seed": cfg.seed,
         "wall_seconds": time.time() - t_start,
         "rl_wall_seconds": time.time() - t_rl,

@@ -17,7 +17,8 @@ class DiffusionTaskConfig(Strict):
     num_steps: int = Field(10, gt=0, description="denoising steps per image (DDIM)")
     guidance_scale: float = Field(3.0, ge=1, description="classifier-free guidance g (1 disables)")
     eta: float = Field(1.0, gt=0, description="DDIM noise level of training rollouts (the SDE sampler; DDPO: 1)")
-    eval_eta: float = Field(0.0, ge=0, description="DDIM noise level of held-out images (0: the ODE sampler)")
+    eval_eta: float = Field(1.0, ge=0, description="DDIM noise level of the held-out report's images (fixed seeds); "
+                            "1 = the training sampler (DDPO/PRDP), 0 = the deterministic ODE sampler")
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="fraction of each trajectory's steps trained "
                                      "(a random subset per sample; DDPO's timestep_fraction)")
     eval_images: int = Field(8, gt=0, description="images per held-out prompt in the report (fixed seeds); "
@@ -26,14 +27,15 @@ class DiffusionTaskConfig(Strict):
 
 
 def held_out_metrics(reward, completions: list[dict], rows: list[dict]) -> dict[str, float]:
-    """Mean reward of the evaluation images (`reward`, the summary metric), of the training-sampler images
-    (`reward_sde`), per reward component, and the mean trajectory KL to the base (`kl_to_base`)."""
+    """Mean reward of the held-out images (`reward`, the summary metric; sampler `eval_eta`), of the
+    deterministic ODE images (`reward_ode`: train-time SDE and eval-time ODE samples can diverge), per
+    reward component, and the mean trajectory KL to the base (`kl_to_base`)."""
     fields = {k: [r.get(k) for r in rows] for k in rows[0]}
     mean = lambda xs: float(sum(xs) / max(len(xs), 1))  # noqa: E731
-    ode = reward([c["image"] for c in completions], fields)
-    sde = reward([c["sde_image"] for c in completions], fields)
-    out = {"reward": mean(ode.total.tolist()), "reward_sde": mean(sde.total.tolist())}
-    out |= {f"reward_{k}": mean(v.tolist()) for k, v in ode.components.items()}
+    main = reward([c["image"] for c in completions], fields)
+    ode = reward([c["ode_image"] for c in completions], fields)
+    out = {"reward": mean(main.total.tolist()), "reward_ode": mean(ode.total.tolist())}
+    out |= {f"reward_{k}": mean(v.tolist()) for k, v in main.components.items()}
     kls = [c["kl"] for c in completions if c.get("kl") is not None]
     if kls:
         out["kl_to_base"] = mean(kls)
@@ -55,6 +57,22 @@ class PromptTask:
 
     def metrics(self, completions: list[dict], rows: list[dict]) -> dict[str, float]:
         return held_out_metrics(self.reward, completions, rows)
+
+    def sample_grid(self, completions: list[dict], rows: list[dict], per_row: int = 8):
+        """Held-out images, one row per prompt (the report's sampler above, the ODE sampler below)."""
+        from PIL import Image
+
+        prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+        w, h = completions[0]["image"].size
+        grid = Image.new("RGB", (w * per_row, 2 * h * len(prompts)), "white")
+        seen: dict[str, int] = {}
+        for c, r in zip(completions, rows):
+            i, j = prompts.index(r["prompt"]), seen.get(r["prompt"], 0)
+            if j < per_row:
+                grid.paste(c["image"], (j * w, 2 * i * h))
+                grid.paste(c["ode_image"], (j * w, (2 * i + 1) * h))
+            seen[r["prompt"]] = j + 1
+        return grid
 
 
 def read_prompts(path: str) -> list[dict]:

@@ -110,13 +110,17 @@ def test_a_few_steps_train_and_change_the_unet(tmp_path, over):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "loss" in r]
     assert len(steps) == 2 and all(np.isfinite(r["loss"]) for r in steps)
-    assert {"eval/reward", "eval/reward_sde", "eval/kl_to_base"} <= set(lines[0])
+    assert {"eval/reward", "eval/reward_ode", "eval/kl_to_base"} <= set(lines[0])
     assert lines[0]["eval/kl_to_base"] == 0.0  # before RL the policy is its reference
     a, b = _unet_state(run / "checkpoints" / "step_000001"), _unet_state(run / "checkpoints" / "step_000002")
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert np.isfinite(summary["before"]) and np.isfinite(summary["after"])
     final = [r for r in lines if r["step"] == 2 and "eval/kl_to_base" in r][-1]
-    assert final["eval/kl_to_base"] > 0
+    assert final["eval/kl_to_base"] > 0 and summary["after_metrics"]["kl_to_base"] == final["eval/kl_to_base"]
+    from PIL import Image
+
+    grid = Image.open(run / "samples" / "step_000002.png")  # 4 held-out prompts x 2 seeds, ODE over SDE rows
+    assert grid.size == (16 * 8, 2 * 16 * 4) and (run / "samples" / "step_000000.png").exists()
     if over:
         assert steps[-1]["tracked_prompts"] > 0
     else:
