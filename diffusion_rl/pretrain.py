@@ -28,8 +28,14 @@ from transformers import get_scheduler
 VERSION = 1  # bump when the recipe below changes
 
 
+PRETRAIN_FIELDS = ("image_size", "min_size", "max_size", "unet_channels", "text_dim", "vae_steps", "caption_dropout")
+
+
 def pretrain_dir(cfg) -> Path:
-    blob = json.dumps({"v": VERSION, "task": cfg.task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"})},
+    """Cache directory keyed by what determines the pre-trained weights (not sampling or RL options)."""
+    task = {k: cfg.task[k] for k in PRETRAIN_FIELDS}
+    blob = json.dumps({"v": VERSION, "task": task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir", "eval_every",
+                                                                                          "patience"})},
                       sort_keys=True)
     return Path(cfg.warmup.cache_dir) / f"diffusion-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
