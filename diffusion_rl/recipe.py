@@ -39,6 +39,14 @@ def make_task(cfg: RunConfig):
     raise ConfigError(f"task.name: {cfg.task['name']!r} is not a diffusion task")
 
 
+def fresh_pipeline(task, t: ShapePromptsConfig):
+    """The embedded pipeline's initial weights: the same in every process and run (independent of the RL seed,
+    like the pre-training cache key)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_pipeline(task.words(), t.image_size, t.unet_channels, t.text_dim)
+
+
 def load_pipeline(cfg: RunConfig, task, accelerator):
     """The embedded pipeline (warmed up and cached when configured) or a checkpoint's."""
     from diffusers import StableDiffusionPipeline
@@ -48,15 +56,14 @@ def load_pipeline(cfg: RunConfig, task, accelerator):
     if m.name_or_path == "embedded":
         if not isinstance(t, ShapePromptsConfig):
             raise ConfigError("model.name_or_path: 'embedded' is only defined for task 'shape_prompts'; give a path or hub id")
-        if not cfg.warmup.enabled:  # untrained weights (for tests of the machinery), the same in every process
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                return build_pipeline(task.words(), t.image_size, t.unet_channels, t.text_dim), info
+        if not cfg.warmup.enabled:  # untrained weights: for tests of the machinery only
+            return fresh_pipeline(task, t), info
         cache = pretrain_dir(cfg)
         if not (cache / "warmup.json").exists():
             if accelerator.is_main_process:
-                pipe = build_pipeline(task.words(), t.image_size, t.unet_channels, t.text_dim)
-                save_pipeline(pipe, pretrain(pipe, task, cfg.warmup, log=accelerator.print), cache)
+                with torch.random.fork_rng():  # a cold cache leaves the run's RNG state as a warm one does
+                    pipe = fresh_pipeline(task, t)
+                    save_pipeline(pipe, pretrain(pipe, task, cfg.warmup, log=accelerator.print), cache)
             accelerator.wait_for_everyone()
         path = str(cache)
         info["warmup"] = {"cache": path}

@@ -263,3 +263,30 @@ def test_sampling_in_chunks_equals_one_batch(comps):
     torch.testing.assert_close(chunked.inputs["latents"], whole.inputs["latents"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked.old_logp, whole.old_logp, atol=1e-5, rtol=1e-5)
     assert len(chunked.completions) == 4
+
+
+def test_warmup_pretrains_once_into_a_loadable_cache(tmp_path, monkeypatch):
+    """The embedded pipeline's warm-up (VAE, then denoising loss) is saved with save_pretrained, loaded back
+    with StableDiffusionPipeline.from_pretrained, and reused by later runs whatever their RL seed."""
+    import diffusion_rl.recipe as recipe
+
+    over = {"warmup": {"enabled": True, "max_steps": 3, "batch_size": 4, "warmup_steps": 1},
+            "task": {"vae_steps": 2}}
+    torch.manual_seed(123)
+    cfg, c = build(tmp_path, **over)
+    cache = recipe.pretrain_dir(cfg)
+    record = json.loads((cache / "warmup.json").read_text())
+    assert record["vae_steps"] == 2 and record["unet_steps"] == 3 and (cache / "model_index.json").exists()
+    after_build = torch.rand(1)
+
+    def no_pretrain(*a, **k):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(recipe, "pretrain", no_pretrain)
+    torch.manual_seed(123)
+    cfg2, c2 = build(tmp_path, seed=7, **over)  # another RL seed: same base
+    assert recipe.pretrain_dir(cfg2) == cache
+    assert torch.equal(torch.rand(1), after_build)  # a cold cache leaves the RNG as a warm one does
+    a, b = c.policy.unet().state_dict(), c2.policy.unet().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert c2.policy.vae.config.scaling_factor == c.policy.vae.config.scaling_factor != 0.18215
