@@ -38,6 +38,7 @@ test: install-dev
 # Speed/memory ratios against baselines measured in the same run (tables printed, JSON in benchmarks/results/).
 bench: install
 	$(PY) benchmarks/bench_logprobs.py
+	$(PY) benchmarks/bench_diffusion.py
 
 clean:
 	rm -rf runs/.cache
