@@ -34,6 +34,7 @@ from shared.rollout import Rollout
 
 NOISE_STREAM = 1_000_003  # generator seed = seed * NOISE_STREAM + sample id
 EVAL_SEED = 999_983  # evaluation images use seed EVAL_SEED and sample id = the row's "seed"
+MASK_STREAM = 2**40  # trained-step subsets draw from generators offset by this (never a noise generator's seed)
 
 
 class GuidedUNet(nn.Module):
@@ -115,7 +116,7 @@ class DiffusionPolicy:
         k = max(1, round(self.timestep_fraction * S))
         mask = torch.zeros(len(sample_ids), S)
         for row, i in enumerate(sample_ids):
-            g = torch.Generator().manual_seed(seed * NOISE_STREAM + i + 7)
+            g = torch.Generator().manual_seed(MASK_STREAM + seed * NOISE_STREAM + i)
             mask[row, torch.randperm(S, generator=g)[:k]] = 1.0
         return mask.to(self.device)
 

@@ -8,7 +8,7 @@ the config's `rewards[i].kwargs`; a reward maps `(images, **fields) -> list[floa
 |---|---|---|
 | `jpeg_compressibility` | `quality=95` | DDPO: -(JPEG size in kB), kB = bytes / 1000 |
 | `jpeg_incompressibility` | `quality=95` | DDPO: +(JPEG size in kB) |
-| `color_area` | `field="rgb"`, `threshold=0.25` | fraction of pixels within `threshold` of the target colour, in [0, 1] |
+| `color_area` | `field="rgb"`, `threshold=0.15` | fraction of pixels within `threshold` of the target colour, in [0, 1] |
 | `aesthetic` | `clip_path`, `head_path` | LAION improved aesthetic predictor (MLP on normalised CLIP image embeddings) |
 | `clip_score` | `model_path`, `scale=1.0` | PickScore-style: scale * exp(logit_scale) * cos(text, image) for `fields["prompt"]` |
 | `python_reward` | `target="pkg.module:factory"`, factory kwargs | whatever `factory(**kwargs)` returns |
@@ -143,7 +143,7 @@ def jpeg_incompressibility(quality: int = 95) -> RewardFn:
 
 
 @register_reward("color_area")
-def color_area(field: str = "rgb", threshold: float = 0.25) -> RewardFn:
+def color_area(field: str = "rgb", threshold: float = 0.15) -> RewardFn:
     """Synthetic task: color_fraction(image, fields[field], threshold), deterministic, in [0, 1]."""
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
         raise ValueError(f"color_area: threshold must be a number >= 0, got {threshold!r}")

@@ -19,8 +19,10 @@ from pydantic import Field
 from diffusion_rl.tasks.common import DiffusionTaskConfig, PromptTask
 from shared.config import register_task_schema
 
+# Pairwise RGB distances (in [0,1] units / sqrt(3)) are all >= 0.29, so the color_area reward with its
+# default threshold 0.15 credits only the prompt's colour: a blob of a neighbouring colour earns nothing.
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 40),
-           "purple": (140, 60, 190), "orange": (240, 130, 30)}
+           "magenta": (210, 50, 200), "cyan": (40, 200, 210)}
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -31,7 +33,7 @@ def prompt_of(colour: str, shape: str) -> str:
 @register_task_schema("shape_prompts")
 class ShapePromptsConfig(DiffusionTaskConfig):
     name: Literal["shape_prompts"] = "shape_prompts"
-    held_out: list[str] = Field(default_factory=lambda: ["green triangle", "purple circle", "orange square",
+    held_out: list[str] = Field(default_factory=lambda: ["green triangle", "magenta circle", "cyan square",
                                                          "blue circle"],
                                 description="'<colour> <shape>' pairs kept out of RL, used for the held-out report")
     image_size: int = Field(32, gt=7, description="side of the images in pixels")
