@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from shared.config import Strict, register_task_schema
 
@@ -102,8 +102,16 @@ def read_prompts(path: str) -> list[dict]:
 @register_task_schema("prompt_file")
 class PromptFileConfig(DiffusionTaskConfig):
     name: Literal["prompt_file"] = "prompt_file"
-    train_path: str = Field(description="RL prompts: .txt (one per line) or .jsonl (with reward fields)")
+    train_path: str = Field(description="RL prompts: .txt (one per line) or .jsonl (with reward fields); "
+                            "relative paths are from the working directory")
     eval_path: str = Field(description="held-out prompts, same formats")
+
+    @field_validator("train_path", "eval_path")
+    @classmethod
+    def _exists(cls, path: str) -> str:
+        if not Path(path).is_file():
+            raise ValueError(f"prompt file {path!r} not found (relative to {Path.cwd()})")
+        return path
 
 
 def prompt_file_task(cfg: PromptFileConfig) -> PromptTask:

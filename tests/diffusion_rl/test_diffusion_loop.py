@@ -290,3 +290,18 @@ def test_warmup_pretrains_once_into_a_loadable_cache(tmp_path, monkeypatch):
     a, b = c.policy.unet().state_dict(), c2.policy.unet().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert c2.policy.vae.config.scaling_factor == c.policy.vae.config.scaling_factor != 0.18215
+
+
+def test_prompt_file_task_errors_are_one_line(tmp_path, capsys):
+    from shared.cli import main
+
+    cfg = ROOT / "configs" / "diffusion" / "sd15_ddpo_compressibility.yaml"
+    assert main(["validate", str(cfg), f"task.train_path={tmp_path / 'missing.txt'}"]) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a cat"}\n{"prompt": 3}\n')
+    from diffusion_rl.tasks.common import read_prompts
+
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string 'prompt'"):
+        read_prompts(str(bad))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.txt" in err[0] and "not found" in err[0]
