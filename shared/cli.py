@@ -119,7 +119,7 @@ def cmd_sample(args) -> int:
     acc = make_accelerator(cfg)
     comps = build_components(cfg, acc)  # the policy's reference is the base: snapshotted before loading
     load_hf_weights(comps.policy.module.model, ckpt)
-    rows = comps.task.split("eval")[: cfg.eval.max_prompts]
+    rows = [r for r in comps.task.split("eval")[: cfg.eval.max_prompts] if r.get("eval_set", "held_out") == "held_out"]
     out = Path(special.get("out", cfg.run_dir / "rlg"))
     result = sweep(comps.policy, rows, comps.reward, ws, out, w_end)
     for w, r in zip(result["ws"], result["mean_reward"]):

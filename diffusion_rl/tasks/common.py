@@ -24,19 +24,29 @@ class DiffusionTaskConfig(Strict):
     eval_images: int = Field(8, gt=0, description="images per held-out prompt in the report (fixed seeds); "
                              "eval.max_prompts counts images")
     sample_batch_size: int = Field(64, gt=0, description="images denoised and decoded at once when sampling")
+    eval_train_images: int = Field(0, ge=0, description="also report `reward_train_prompts`: this many fresh-seed "
+                                   "images per RL prompt (in-distribution, as DDPO evaluates), after the held-out ones")
 
 
 def held_out_metrics(reward, completions: list[dict], rows: list[dict]) -> dict[str, float]:
-    """Mean reward of the held-out images (`reward`, the summary metric; sampler `eval_eta`), of the
+    """Over the held-out prompts: mean reward (`reward`, the summary metric; sampler `eval_eta`), of the
     deterministic ODE images (`reward_ode`: train-time SDE and eval-time ODE samples can diverge), per
-    reward component, and the mean trajectory KL to the base (`kl_to_base`)."""
-    fields = {k: [r.get(k) for r in rows] for k in rows[0]}
+    reward component, and the mean trajectory KL to the base (`kl_to_base`). Rows marked
+    `eval_set: train_prompts` (fresh seeds of the RL prompts) give `reward_train_prompts` instead."""
     mean = lambda xs: float(sum(xs) / max(len(xs), 1))  # noqa: E731
-    main = reward([c["image"] for c in completions], fields)
-    ode = reward([c["ode_image"] for c in completions], fields)
+    held = [i for i, r in enumerate(rows) if r.get("eval_set", "held_out") == "held_out"]
+    seen = [i for i, r in enumerate(rows) if r.get("eval_set") == "train_prompts"]
+
+    def score(idx: list[int], key: str):
+        fields = {k: [rows[i].get(k) for i in idx] for k in rows[idx[0]]}
+        return reward([completions[i][key] for i in idx], fields)
+
+    main, ode = score(held, "image"), score(held, "ode_image")
     out = {"reward": mean(main.total.tolist()), "reward_ode": mean(ode.total.tolist())}
     out |= {f"reward_{k}": mean(v.tolist()) for k, v in main.components.items()}
-    kls = [c["kl"] for c in completions if c.get("kl") is not None]
+    if seen:
+        out["reward_train_prompts"] = mean(score(seen, "image").total.tolist())
+    kls = [completions[i]["kl"] for i in held if completions[i].get("kl") is not None]
     if kls:
         out["kl_to_base"] = mean(kls)
     return out
@@ -48,8 +58,10 @@ class PromptTask:
     metric = "reward"
     higher_is_better = True
 
-    def __init__(self, train: list[dict], held_out: list[dict], eval_images: int):
-        self._splits = {"train": train, "eval": [dict(r, seed=k) for r in held_out for k in range(eval_images)]}
+    def __init__(self, train: list[dict], held_out: list[dict], eval_images: int, eval_train_images: int = 0):
+        report = [dict(r, seed=k, eval_set="held_out") for r in held_out for k in range(eval_images)]
+        report += [dict(r, seed=eval_images + k, eval_set="train_prompts") for r in train for k in range(eval_train_images)]
+        self._splits = {"train": train, "eval": report}
         self.reward = None  # bound by the recipe: the run's combined reward is the held-out metric
 
     def split(self, name: str) -> list[dict]:
@@ -115,4 +127,4 @@ class PromptFileConfig(DiffusionTaskConfig):
 
 
 def prompt_file_task(cfg: PromptFileConfig) -> PromptTask:
-    return PromptTask(read_prompts(cfg.train_path), read_prompts(cfg.eval_path), cfg.eval_images)
+    return PromptTask(read_prompts(cfg.train_path), read_prompts(cfg.eval_path), cfg.eval_images, cfg.eval_train_images)

@@ -84,7 +84,8 @@ class ShapePromptsTask(PromptTask):
     def __init__(self, cfg: ShapePromptsConfig):
         self.cfg = cfg
         train, held = cfg.pairs()
-        super().__init__([row_of(c, s) for c, s in train], [row_of(c, s) for c, s in held], cfg.eval_images)
+        super().__init__([row_of(c, s) for c, s in train], [row_of(c, s) for c, s in held], cfg.eval_images,
+                         cfg.eval_train_images)
 
     def pretrain_batch(self, n: int, rng: random.Random) -> tuple[list[str], np.ndarray]:
         """n (prompt, image) pairs over ALL pairs (held-out prompts too: they are held out from RL only)."""
