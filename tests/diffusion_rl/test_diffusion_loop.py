@@ -305,3 +305,30 @@ def test_prompt_file_task_errors_are_one_line(tmp_path, capsys):
         read_prompts(str(bad))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.txt" in err[0] and "not found" in err[0]
+
+
+def test_report_separates_held_out_prompts_from_fresh_seeds_of_rl_prompts():
+    """`reward` (summary) covers only the held-out prompts; `reward_train_prompts` the RL prompts' fresh seeds."""
+    from PIL import Image
+
+    from diffusion_rl.tasks.shapes import ShapePromptsConfig, ShapePromptsTask
+    from shared.config import RewardSpec
+    from shared.rewards import CombinedReward
+
+    task = ShapePromptsTask(ShapePromptsConfig(held_out=["red circle"], eval_images=2, eval_train_images=1))
+    task.reward = CombinedReward.from_specs([RewardSpec(name="color_area")])
+    rows = task.split("eval")
+    assert [r["eval_set"] for r in rows[:3]] == ["held_out", "held_out", "train_prompts"]
+    assert len(rows) == 2 + 17 and all(r["prompt"] != "a red circle" for r in rows[2:])
+    assert {r["seed"] for r in rows[2:]} == {2}  # fresh seeds, never those of the held-out images
+
+    def img(rgb, frac):  # an 8x8 image whose first `frac` of pixels have colour rgb
+        px = np.zeros((8, 8, 3), np.uint8)
+        px.reshape(-1, 3)[: int(64 * frac)] = rgb
+        return Image.fromarray(px)
+
+    comps = [{"image": img(r["rgb"], f), "ode_image": img(r["rgb"], f / 2), "kl": 1.0 + i}
+             for i, (r, f) in enumerate(zip(rows, [0.5, 0.25] + [1.0] * 17))]
+    m = task.metrics(comps, rows)
+    assert m["reward"] == pytest.approx(0.375) and m["reward_ode"] == pytest.approx(0.1875)
+    assert m["reward_train_prompts"] == pytest.approx(1.0) and m["kl_to_base"] == pytest.approx(1.5)
