@@ -58,6 +58,16 @@ def _optimizer(params, lr, wcfg, steps):
     return opt, sched
 
 
+def _update(loss, module, opt, sched, losses: list[float], step: int, log, what: str) -> None:
+    """Backward, clip at 1, optimizer and schedule step; log the running mean every 100 steps."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+    if step % 100 == 0:
+        log(f"{what} step {step}: loss {sum(losses[-100:]) / 100:.4f}")
+
+
 def train_vae(pipe, task, wcfg, rng: random.Random, log) -> list[float]:
     vae, losses = pipe.vae, []
     steps = task.cfg.vae_steps
@@ -67,13 +77,7 @@ def train_vae(pipe, task, wcfg, rng: random.Random, log) -> list[float]:
         x = to_pixels(task.pretrain_batch(wcfg.batch_size, rng)[1])
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * post.kl().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 100 == 0:
-            log(f"vae step {step}: reconstruction loss {sum(losses[-100:]) / 100:.4f}")
+        _update(F.mse_loss(recon, x) + 1e-6 * post.kl().mean(), vae, opt, sched, losses, step, log, "vae")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(to_pixels(task.pretrain_batch(64, rng)[1])).latent_dist.sample() for _ in range(4)])
@@ -100,13 +104,7 @@ def train_unet(pipe, task, wcfg, rng: random.Random, log) -> list[float]:
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (z.shape[0],), generator=gen)
         pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 100 == 0:
-            log(f"unet step {step}: denoising loss {sum(losses[-100:]) / 100:.4f}")
+        _update(F.mse_loss(pred, noise), unet, opt, sched, losses, step, log, "unet")
     return losses
 
 

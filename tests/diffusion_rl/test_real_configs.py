@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared.config import load_config
-from tests.diffusion_rl.test_rewards import TOKENS, _tiny_clip
+from tests.diffusion_rl.test_rewards import save_tiny_clip
 from tests.helpers.tiny import ROOT
 
 PRDP = ROOT / "configs/diffusion/sd14_prdp_small.yaml"
@@ -44,16 +44,7 @@ def tiny_pipeline(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny CLIPModel + CLIPProcessor (hand-written character BPE tokenizer) standing in for PickScore."""
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
-
-    d = tmp_path_factory.mktemp("pickscore_tiny")
-    _tiny_clip().save_pretrained(d)
-    (d / "vocab.json").write_text(json.dumps(TOKENS))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(d)
-    return d
+    return save_tiny_clip(tmp_path_factory.mktemp("pickscore_tiny"))
 
 
 def _common(tmp_path, pipe) -> list[str]:

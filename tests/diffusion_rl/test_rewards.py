@@ -140,12 +140,10 @@ def _tiny_clip():
     return CLIPModel(config).eval()
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A tiny CLIPModel with an image processor and a hand-written BPE tokenizer, saved to one folder."""
+def save_tiny_clip(d):
+    """A tiny CLIPModel with an image processor and a hand-written BPE tokenizer, saved to folder d."""
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
-    d = tmp_path_factory.mktemp("clip")
     _tiny_clip().save_pretrained(d)
     (d / "vocab.json").write_text(json.dumps(TOKENS))
     (d / "merges.txt").write_text("#version: 0.2\n")
@@ -153,6 +151,11 @@ def clip_dir(tmp_path_factory):
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def _image_embeds(model, images, folder):
