@@ -30,7 +30,7 @@ demo: install
 	$(VENV)/bin/rlft train configs/llm/arithmetic_grpo.yaml
 	$(VENV)/bin/rlft train configs/vision/shapes_detection_grpo.yaml
 	$(VENV)/bin/rlft train configs/diffusion/shapes_prdp.yaml
-	$(VENV)/bin/rlft sample configs/diffusion/shapes_prdp.yaml checkpoint=latest ws=[0,0.5,1,1.5,2,3]
+	$(VENV)/bin/rlft sample configs/diffusion/shapes_prdp.yaml checkpoint=latest 'ws=[0,0.5,1,1.5,2,3]'
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
