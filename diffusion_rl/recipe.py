@@ -24,6 +24,8 @@ from diffusion_rl.tasks.shapes import ShapePromptsConfig, ShapePromptsTask
 from shared.config import ConfigError, RunConfig
 from shared.recipe import DTYPES, Components, combined_reward
 
+# a checkpoint holds the UNet (or its adapter) only: evaluating it still needs the warmed-up VAE and text encoder
+CHECKPOINT_REPLACES_WARMUP = False
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as in DDPO / diffusers LoRA
 
 

@@ -1,7 +1,7 @@
 """`rlft` command line.
 
     rlft train CONFIG [key.sub=value ...]            RL (after the configured SFT warm-up); resume=true continues
-    rlft eval CONFIG checkpoint=PATH [key=value ...]  held-out metric of a checkpoint -> eval.json
+    rlft eval CONFIG checkpoint=PATH|latest [key=value ...]  held-out metric of a checkpoint -> eval.json
     rlft validate CONFIG [key=value ...]             check a config and print it resolved
     rlft sample CONFIG checkpoint=PATH|latest [ws=[0,0.5,1,1.5,2]] [w_end=W] [out=DIR]
                                                      diffusion RLG sweep: base + w (RL - base) -> grid, rewards, plot
@@ -59,19 +59,17 @@ def cmd_eval(args) -> int:
     from shared.loop import make_accelerator
     from shared.recipe import build_components
 
-    ckpt = Path(special["checkpoint"]) if "checkpoint" in special else None
-    if ckpt is not None:
-        if not ckpt.exists():
-            raise UserError(f"checkpoint={ckpt}: no such directory")
-        # the checkpoint's weights replace the warm start; a diffusion checkpoint holds the UNet only, so
-        # the warmed-up (cached) VAE and text encoder of the embedded pipeline are still needed
-        cfg.warmup.enabled = cfg.warmup.enabled and cfg.domain == "diffusion"
+    from shared.recipe import checkpoint_replaces_warmup
+
+    ckpt = _checkpoint_path(cfg, special["checkpoint"]) if "checkpoint" in special else None
+    if ckpt is not None and checkpoint_replaces_warmup(cfg):
+        cfg.warmup.enabled = False  # the checkpoint's weights replace the warm start
     acc = make_accelerator(cfg)
     comps = build_components(cfg, acc)
     if ckpt is not None:
         from shared.checkpoint import load_hf_weights
 
-        load_hf_weights(comps.policy.module.model, ckpt / "model" if (ckpt / "model").is_dir() else ckpt)
+        load_hf_weights(comps.policy.module.model, _weights_dir(ckpt))
     result = evaluate(comps.policy, comps.task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc)
     out_dir = ckpt if ckpt is not None else cfg.run_dir
     out = {"metric": comps.task.metric, "value": result[comps.task.metric], "n": result["n"],
@@ -92,6 +90,11 @@ def _checkpoint_path(cfg, value: str) -> Path:
     ckpt = latest_checkpoint(cfg.run_dir / "checkpoints") if value == "latest" else Path(value)
     if ckpt is None or not ckpt.exists():
         raise UserError(f"checkpoint={value}: no such checkpoint" + (f" under {cfg.run_dir}/checkpoints" if value == "latest" else ""))
+    return ckpt
+
+
+def _weights_dir(ckpt: Path) -> Path:
+    """The model weights of a trainer checkpoint (its model/ folder), or a bare save_pretrained folder."""
     return ckpt / "model" if (ckpt / "model").is_dir() else ckpt
 
 
@@ -118,7 +121,7 @@ def cmd_sample(args) -> int:
 
     acc = make_accelerator(cfg)
     comps = build_components(cfg, acc)  # the policy's reference is the base: snapshotted before loading
-    load_hf_weights(comps.policy.module.model, ckpt)
+    load_hf_weights(comps.policy.module.model, _weights_dir(ckpt))
     rows = [r for r in comps.task.split("eval")[: cfg.eval.max_prompts] if r.get("eval_set", "held_out") == "held_out"]
     out = Path(special.get("out", cfg.run_dir / "rlg"))
     result = sweep(comps.policy, rows, comps.reward, ws, out, w_end)

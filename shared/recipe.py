@@ -41,6 +41,13 @@ def build_components(cfg, accelerator) -> Components:
     return module.build(cfg, accelerator)
 
 
+def checkpoint_replaces_warmup(cfg) -> bool:
+    """Whether a training checkpoint holds everything the warm start produced (so evaluating it skips the
+    warm-up). A recipe whose checkpoints hold part of the model (diffusion: the UNet, not the warmed-up
+    VAE and text encoder) sets `CHECKPOINT_REPLACES_WARMUP = False`."""
+    return getattr(importlib.import_module(DOMAINS[cfg.domain]), "CHECKPOINT_REPLACES_WARMUP", True)
+
+
 def combined_reward(cfg) -> CombinedReward:
     """The config's reward components, or a one-line ConfigError."""
     try:

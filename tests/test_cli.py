@@ -174,7 +174,7 @@ def test_train_missing_config_file(capsys, work):
 
 def test_eval_missing_checkpoint(runs, work):
     # cmd_eval loads the config, then checks the checkpoint before building anything
-    assert_one_line_error(runs["eval_no_ckpt"], "checkpoint=/nonexistent", "no such directory")
+    assert_one_line_error(runs["eval_no_ckpt"], "checkpoint=/nonexistent", "no such checkpoint")
     assert not (work / "eval_runs").exists()
 
 
