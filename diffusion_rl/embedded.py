@@ -55,17 +55,21 @@ def build_unet(latent_size: int, cross_attention_dim: int = 32, channels: tuple[
                                 cross_attention_dim=cross_attention_dim, attention_head_dim=8)
 
 
-def build_scheduler():
-    """DDIM in Stable Diffusion v1's configuration (scaled-linear betas, leading spacing, offset 1)."""
-    from diffusers import DDIMScheduler
+def build_scheduler(step: str = "ddim"):
+    """DDIM in Stable Diffusion v1's configuration (scaled-linear betas, leading spacing, offset 1), or for
+    `step="flow_sde"` the flow-matching Euler scheduler (sigma from 1 to 0, no shift; timestep = 1000 sigma)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if step == "flow_sde":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
 def build_pipeline(words: list[str], image_size: int = 32, unet_channels: tuple[int, int] = (32, 64),
-                   text_dim: int = 32):
-    """A fresh (untrained) StableDiffusionPipeline of the tiny architecture."""
+                   text_dim: int = 32, step: str = "ddim"):
+    """A fresh (untrained) StableDiffusionPipeline of the tiny architecture; its UNet is trained to predict
+    noise (step "ddim") or the flow velocity (step "flow_sde"), as its scheduler says."""
     from diffusers import StableDiffusionPipeline
 
     tok = build_tokenizer(words)
@@ -74,4 +78,4 @@ def build_pipeline(words: list[str], image_size: int = 32, unet_channels: tuple[
     return StableDiffusionPipeline(
         vae=vae, text_encoder=build_text_encoder(tok, dim=text_dim), tokenizer=tok,
         unet=build_unet(image_size // factor, cross_attention_dim=text_dim, channels=unet_channels),
-        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler=build_scheduler(step), safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -30,13 +30,13 @@ def w_at(step: int, num_steps: int, w: float, w_end: float | None = None) -> flo
 
 def rlg_eps(policy, w: float, w_end: float | None = None):
     """eps_fn(x, t, cond, uncond) of the RLG combination for `policy.denoise`."""
-    steps = {int(t): s for s, t in enumerate(policy.scheduler.timesteps.tolist())}
+    steps = {float(t): s for s, t in enumerate(policy.scheduler.timesteps.tolist())}
     rl = policy.unwrap(policy.module)
 
     def eps_fn(x, t, cond, uncond):
         with policy.reference() as ref:
             e_ref = ref(x, t, cond, uncond)
-        weight = w_at(steps[int(t[0])], len(steps), w, w_end)
+        weight = w_at(steps[float(t[0])], len(steps), w, w_end)
         return torch.lerp(e_ref, rl(x, t, cond, uncond), weight)
 
     return eps_fn

@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from PIL import Image
 from torch import Tensor, nn
 
-from diffusion_rl.steps import STEPS, Schedule, ddim_mean_std, step_kl
+from diffusion_rl.steps import STEPS, step_kl
 from shared.rollout import Rollout
 
 NOISE_STREAM = 1_000_003  # generator seed = seed * NOISE_STREAM + sample id
@@ -74,16 +74,16 @@ class DiffusionPolicy:
     def __init__(self, pipe, unet: nn.Module | None = None, num_steps: int = 10, guidance_scale: float = 3.0,
                  eta: float = 1.0, eval_eta: float = 1.0, timestep_fraction: float = 1.0, step: str = "ddim",
                  sample_batch_size: int = 64, logprob_chunk_size: int = 1024):
-        from diffusers import DDIMScheduler
+        import diffusers
 
         self.module: nn.Module = GuidedUNet(unet if unet is not None else pipe.unet, guidance_scale)
         self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
         self.vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(False).eval()
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.kind = STEPS[step]  # the step's own scheduler lays out the timesteps (DDIM, or flow matching)
+        self.scheduler = getattr(diffusers, self.kind.scheduler).from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(num_steps)
-        self.schedule = Schedule.from_scheduler(self.scheduler)
-        self.step = STEPS[step]
+        self.schedule = self.kind.schedule(self.scheduler)
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         self.eta, self.eval_eta, self.timestep_fraction = eta, eval_eta, timestep_fraction
         self.sample_batch_size, self.logprob_chunk_size = sample_batch_size, logprob_chunk_size
@@ -152,14 +152,14 @@ class DiffusionPolicy:
     def denoise(self, eps_fn, noise: Tensor, cond: Tensor, uncond: Tensor, eta: float, on_step=None) -> Tensor:
         """The sampling loop: x_T = noise[:, 0], then one step per timestep; returns x_0.
 
-        `eps_fn(x, t, cond, uncond)` predicts the (guided) noise; `on_step(s, x_t, t, eps, x_prev, logp)`
+        `eps_fn(x, t, cond, uncond)` predicts the (guided) noise, or velocity for a flow step; `on_step(s, x_t, t, eps, x_prev, logp)`
         sees every transition (trajectory storage, KL).
         """
         x = noise[:, 0]
         for s, t in enumerate(self.scheduler.timesteps.tolist()):
-            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            tt = torch.full((x.shape[0],), t, dtype=self.kind.timestep_dtype, device=x.device)
             eps = eps_fn(x, tt, cond, uncond)
-            x_prev, logp = self.step(eps, x, tt, self.schedule, eta, noise=noise[:, s + 1])
+            x_prev, logp = self.kind.step(eps, x, tt, self.schedule, eta, noise=noise[:, s + 1])
             if on_step is not None:
                 on_step(s, x, tt, eps, x_prev, logp)
             x = x_prev
@@ -199,7 +199,7 @@ class DiffusionPolicy:
 
     def _chunk_logp(self, eps_model, x, t, cond, uncond, x_prev) -> Tensor:
         eps = eps_model(x, t, cond, uncond)
-        return self.step(eps, x, t, self.schedule, self.eta, x_prev=x_prev)[1]
+        return self.kind.step(eps, x, t, self.schedule, self.eta, x_prev=x_prev)[1]
 
     def _transition_logp(self, eps_model, batch: Rollout) -> Tensor:
         """log p(x_{t-1} | x_t) [B, S] of the stored transitions at the trained steps (0 elsewhere).
@@ -257,8 +257,8 @@ class DiffusionPolicy:
             def add_kl(s, x, t, eps, x_prev, logp):
                 with self.reference() as ref:
                     eps_ref = ref(x, t, cond, uncond)
-                mean, std = ddim_mean_std(eps, x, t, self.schedule, kl_eta)
-                mean_ref, _ = ddim_mean_std(eps_ref, x, t, self.schedule, kl_eta)
+                mean, std = self.kind.mean_std(eps, x, t, self.schedule, kl_eta)
+                mean_ref, _ = self.kind.mean_std(eps_ref, x, t, self.schedule, kl_eta)
                 kl.add_(step_kl(mean, mean_ref, std))
 
             track = add_kl if has_ref else None

@@ -4,7 +4,9 @@
    then `scaling_factor` is set so latents have unit variance (as Stable Diffusion's 0.18215 does).
 2. `UNet2DConditionModel` on those latents: eps-prediction MSE at uniform random timesteps of the
    DDPM forward process (the scheduler's betas), prompts dropped to "" at `task.caption_dropout` so
-   classifier-free guidance works; the text encoder stays frozen, as in Stable Diffusion.
+   classifier-free guidance works; the text encoder stays frozen, as in Stable Diffusion. With a
+   flow-matching scheduler (`task.step: flow_sde`) the loss is rectified flow's instead: x_s =
+   (1 - s) z + s noise at s ~ U(0, 1), timestep 1000 s, target velocity noise - z.
 
 The result is written atomically with `StableDiffusionPipeline.save_pretrained` under a directory named
 by a hash of everything that determines it (not the RL seed: every RL seed starts from the same base)
@@ -28,7 +30,8 @@ from transformers import get_scheduler
 VERSION = 3  # bump when the recipe below or the task's image generator changes
 
 
-PRETRAIN_FIELDS = ("image_size", "min_size", "max_size", "unet_channels", "text_dim", "vae_steps", "caption_dropout")
+PRETRAIN_FIELDS = ("image_size", "min_size", "max_size", "unet_channels", "text_dim", "vae_steps", "caption_dropout",
+                   "step")
 
 
 def pretrain_dir(cfg) -> Path:
@@ -86,10 +89,11 @@ def train_vae(pipe, task, wcfg, rng: random.Random, log) -> list[float]:
 
 
 def train_unet(pipe, task, wcfg, rng: random.Random, log) -> list[float]:
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     unet, vae = pipe.unet, pipe.vae
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    noise_sched = pipe.scheduler if flow else DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.text_encoder.eval().requires_grad_(False)
     opt, sched = _optimizer(unet.parameters(), wcfg.lr, wcfg, wcfg.max_steps)
     gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
@@ -102,9 +106,15 @@ def train_unet(pipe, task, wcfg, rng: random.Random, log) -> list[float]:
             z = vae.encode(to_pixels(images)).latent_dist.sample(gen) * vae.config.scaling_factor
             emb = encode_text(pipe, prompts, z.device)
         noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (z.shape[0],), generator=gen)
-        pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=emb).sample
-        _update(F.mse_loss(pred, noise), unet, opt, sched, losses, step, log, "unet")
+        n_train = noise_sched.config.num_train_timesteps
+        if flow:
+            s = torch.rand(z.shape[0], generator=gen).view(-1, 1, 1, 1)
+            x, t, target = (1 - s) * z + s * noise, (s.flatten() * n_train), noise - z
+        else:
+            t = torch.randint(0, n_train, (z.shape[0],), generator=gen)
+            x, target = noise_sched.add_noise(z, noise, t), noise
+        pred = unet(x, t, encoder_hidden_states=emb).sample
+        _update(F.mse_loss(pred, target), unet, opt, sched, losses, step, log, "unet")
     return losses
 
 

@@ -46,7 +46,7 @@ def fresh_pipeline(task, t: ShapePromptsConfig):
     like the pre-training cache key)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return build_pipeline(task.words(), t.image_size, t.unet_channels, t.text_dim)
+        return build_pipeline(task.words(), t.image_size, t.unet_channels, t.text_dim, t.step)
 
 
 def load_pipeline(cfg: RunConfig, task, accelerator):
@@ -101,7 +101,7 @@ def apply_lora(unet, cfg: RunConfig):
 
 def make_policy(pipe, unet, cfg: RunConfig) -> DiffusionPolicy:
     t = cfg.task_config()
-    return DiffusionPolicy(pipe, unet, num_steps=t.num_steps, guidance_scale=t.guidance_scale, eta=t.eta,
+    return DiffusionPolicy(pipe, unet, step=t.step, num_steps=t.num_steps, guidance_scale=t.guidance_scale, eta=t.eta,
                            eval_eta=t.eval_eta, timestep_fraction=t.timestep_fraction,
                            sample_batch_size=t.sample_batch_size, logprob_chunk_size=cfg.model.logprob_chunk_size)
 

@@ -14,10 +14,14 @@ from shared.config import Strict, register_task_schema
 class DiffusionTaskConfig(Strict):
     """Sampling options of training rollouts and of the held-out report."""
 
-    num_steps: int = Field(10, gt=0, description="denoising steps per image (DDIM)")
+    step: Literal["ddim", "flow_sde"] = Field("ddim", description="denoising step kind (diffusion_rl/steps.py): "
+                                              "ddim = DDIM with eta (noise-predicting UNet: SD v1/v2, DDPO, PRDP); "
+                                              "flow_sde = Flow-GRPO's SDE step (velocity-predicting UNet)")
+    num_steps: int = Field(10, gt=0, description="denoising steps per image")
     guidance_scale: float = Field(3.0, ge=1, description="classifier-free guidance g (1 disables)")
-    eta: float = Field(1.0, gt=0, description="DDIM noise level of training rollouts (the SDE sampler; DDPO: 1)")
-    eval_eta: float = Field(1.0, ge=0, description="DDIM noise level of the held-out report's images (fixed seeds); "
+    eta: float = Field(1.0, gt=0, description="noise level of training rollouts: DDIM's eta (DDPO: 1), or "
+                     "Flow-GRPO's a in std = a sqrt(s / (1 - s)) (paper: 0.7)")
+    eval_eta: float = Field(1.0, ge=0, description="noise level of the held-out report's images (fixed seeds); "
                             "1 = the training sampler (DDPO/PRDP), 0 = the deterministic ODE sampler")
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="fraction of each trajectory's steps trained "
                                      "(a random subset per sample; DDPO's timestep_fraction)")

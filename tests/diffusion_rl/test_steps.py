@@ -85,7 +85,15 @@ def test_schedule_step_ratio_other_counts():
 
 
 def test_registered():
-    assert STEPS["ddim"] is ddim_step
+    eps, x_t, noise = tensors(2)
+    t = torch.full((2,), 501)
+    s = build_scheduler()
+    s.set_timesteps(10)
+    kind = STEPS["ddim"]
+    assert kind.scheduler == "DDIMScheduler" and kind.timestep_dtype == torch.long
+    a = kind.step(eps, x_t, t, kind.schedule(s), 1.0, noise=noise)
+    b = ddim_step(eps, x_t, t, Schedule.from_scheduler(s), 1.0, noise=noise)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 # ------------------------------------------------------------------------------------------------
