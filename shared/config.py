@@ -157,6 +157,9 @@ class RewardSpec(Strict):
     name: str = Field(description="reward name in the domain's reward registry")
     weight: float = 1.0
     failure_value: float = Field(0.0, description="score for outputs the reward cannot evaluate")
+    start_step: int = Field(0, ge=0, description="RL step from which the reward counts in the total (a curriculum, "
+                            "e.g. MSRL's stage 2); before it the reward is still scored and logged, with weight 0. "
+                            "Held-out evaluation always uses the full weights")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of the reward factory")
 
 

@@ -114,7 +114,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     for step in range(start_step + 1, t.steps + 1):
         t_step = time.perf_counter()
         # 1-2. prompts -> samples -> rewards (each component scored; failures isolated in reward_fn)
-        rollout, idx, info = collect_rollout(policy, sampler, train_rows, reward_fn, cfg, acc)
+        rollout, idx, info = collect_rollout(policy, sampler, train_rows, reward_fn, cfg, acc, step)
         sample_stats = rollout.stats
         rewards = rollout.rewards.to(acc.device)
 
@@ -257,8 +257,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     return summary
 
 
-def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc) -> tuple[Rollout, list[int], dict]:
-    """Sample this process's groups and score them.
+def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
+                    step: int | None = None) -> tuple[Rollout, list[int], dict]:
+    """Sample this process's groups and score them (reward weights of RL step `step`, see `rewards[].start_step`).
 
     Every process draws the same global prompt batch and keeps its slice of whole groups. Group ids
     are the prompts' global draw positions (`sampler.cursor`), so they stay unique over extra draws
@@ -281,7 +282,7 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc)
         rows = [train_rows[i] for i in idx[acc.process_index * P_local : (acc.process_index + 1) * P_local]]
         with acc.autocast():  # same precision as the training forward (a no-op without mixed precision)
             part = policy.sample(rows, G, seed=cfg.seed, first_sample_id=first * G, first_group_id=first)
-        res = reward_fn(part.completions, part.fields())
+        res = reward_fn(part.completions, part.fields(), step=step)
         part.rewards, part.components = res.total, res.components
         failures.update(res.failures)
         if not r.dynamic_sampling:

@@ -57,6 +57,7 @@ class _Component:
     fn: RewardFn
     weight: float
     failure_value: float
+    start_step: int = 0
 
 
 @dataclass
@@ -81,13 +82,18 @@ class CombinedReward:
                 fn = registry[s.name](**s.kwargs)
             except TypeError as e:
                 raise ValueError(f"rewards[{i}] ({s.name}): bad kwargs {s.kwargs}: {e}") from None
-            comps.append(_Component(s.name, fn, float(s.weight), float(s.failure_value)))
+            comps.append(_Component(s.name, fn, float(s.weight), float(s.failure_value), int(s.start_step)))
         if len({c.name for c in comps}) != len(comps):
             raise ValueError("rewards: each reward name may appear once")
         return cls(comps)
 
-    def __call__(self, completions: list[str], fields: dict[str, list]) -> RewardResult:
+    def weights(self, step: int | None = None) -> dict[str, float]:
+        """Each component's weight at RL step `step` (0 before its start_step); None: the full weights."""
+        return {c.name: c.weight if step is None or step >= c.start_step else 0.0 for c in self.components}
+
+    def __call__(self, completions: list[str], fields: dict[str, list], step: int | None = None) -> RewardResult:
         n = len(completions)
+        weights = self.weights(step)
         total = torch.zeros(n, dtype=torch.float32)
         out: dict[str, Tensor] = {}
         fails: dict[str, int] = {}
@@ -96,7 +102,7 @@ class CombinedReward:
             out[c.name] = torch.tensor(scores, dtype=torch.float32)
             fails[c.name] = failed
             self.failure_totals[c.name] += failed
-            total += c.weight * out[c.name]
+            total += weights[c.name] * out[c.name]
         return RewardResult(total, out, fails)
 
 

@@ -201,3 +201,15 @@ def test_builtin_rewards_combined():
     assert res.components["overlong"].tolist() == [0.0, -0.5, -1.0]
     assert res.total.tolist() == [1.5, -0.5, -1.0]
     assert res.failures == {"exact_match": 1, "format": 0, "overlong": 0}
+
+
+def test_start_step_is_a_curriculum_of_weights():
+    """A reward with start_step counts in the total only from that RL step (MSRL's two stages); it is
+    scored and reported before, and held-out evaluation (step=None) uses the full weights."""
+    reg = {"const": constant, "len": length}
+    comb = CombinedReward.from_specs([RewardSpec(name="const", weight=2.0),
+                                      RewardSpec(name="len", weight=0.5, start_step=3)], reg)
+    before, at, full = comb(["abcd"], {}, step=2), comb(["abcd"], {}, step=3), comb(["abcd"], {})
+    assert before.total.tolist() == [2.0] and before.components["len"].tolist() == [4.0]
+    assert at.total.tolist() == [4.0] and full.total.tolist() == [4.0]
+    assert comb.weights(0) == {"const": 2.0, "len": 0.0} and comb.weights(None) == {"const": 2.0, "len": 0.5}
