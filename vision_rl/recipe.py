@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import llm_rl.rewards  # noqa: F401  (registers the text rewards used by vision recipes: format, ...)
+import vision_rl.charts.rewards  # noqa: F401  (registers chart_exec / chart_text / chart_visual)
 import vision_rl.rewards  # noqa: F401  (registers detection / grounding / classification rewards)
 from shared.config import ConfigError, RunConfig
 from shared.recipe import DTYPES, Components, combined_reward, enable_activation_checkpointing, warm_start
@@ -18,16 +19,19 @@ from vision_rl.coords import BoxCoder, convention_for
 from vision_rl.embedded import build_model, build_processor, build_tokenizer
 from vision_rl.policy import VLMPolicy
 from vision_rl.tasks.files import FILE_TASKS, make_file_task
-from vision_rl.tasks.shapes import ShapesTask, ShapesTaskConfig, tokenizer_corpus
+from vision_rl.tasks.charts import ChartsTask, ChartsTaskConfig
+from vision_rl.tasks.common import EmbeddedVLMConfig
+from vision_rl.tasks.shapes import ShapesTask, ShapesTaskConfig
 
 
 def load_model(cfg: RunConfig):
     """(model, processor): the embedded tiny VLM, or a checkpoint by local path / hub id."""
     m, t = cfg.model, cfg.task_config()
     if m.name_or_path == "embedded":
-        if not isinstance(t, ShapesTaskConfig):
-            raise ConfigError("model.name_or_path: 'embedded' is only defined for task 'shapes'; give a path or hub id")
-        tok = build_tokenizer(*tokenizer_corpus())
+        if not isinstance(t, EmbeddedVLMConfig):
+            raise ConfigError(f"model.name_or_path: 'embedded' is only defined for the synthetic tasks (shapes, charts), "
+                              f"not {t.name!r}; give a path or hub id")
+        tok = build_tokenizer(*t.embedded_corpus())
         processor = build_processor(tok, t.family, t.min_pixels, t.max_pixels)
         model = build_model(tok, t.family, t.hidden_size, t.num_layers, t.num_heads, t.vision_depth, t.vision_dim)
         if m.attention != "sdpa":
@@ -65,6 +69,8 @@ def make_task(cfg: RunConfig, coder: BoxCoder):
     try:
         if isinstance(t, ShapesTaskConfig):
             return ShapesTask(t, coder)
+        if isinstance(t, ChartsTaskConfig):
+            return ChartsTask(t)
         if isinstance(t, FILE_TASKS):
             return make_file_task(t, coder)
     except (ValueError, FileNotFoundError) as e:

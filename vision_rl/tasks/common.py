@@ -44,6 +44,22 @@ class VisionTaskConfig(Strict):
         2048, gt=0, description="prompt tokens (image tokens included) above which a row is an error, never truncated")
 
 
+class EmbeddedVLMConfig(VisionTaskConfig):
+    """A task with a synthetic generator the embedded tiny VLM is built for (`model.name_or_path: embedded`):
+    its architecture, and the texts its in-process tokenizer must cover (`embedded_corpus`)."""
+
+    family: Literal["qwen2_vl", "qwen2_5_vl"] = Field("qwen2_vl", description="architecture of the embedded model")
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    vision_depth: int = Field(2, gt=0)
+    vision_dim: int = Field(64, gt=0)
+
+    def embedded_corpus(self) -> tuple[list[str], list[str]]:
+        """(texts, phrases) for `vision_rl.embedded.build_tokenizer`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define the embedded tokenizer's corpus")
+
+
 def coord_hint(coder: BoxCoder) -> str:
     return "between 0 and 1000, integer" if coder.convention == "relative_1000" else "in pixels of the image, integer"
 

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from shared.config import register_task_schema
 from vision_rl.coords import BoxCoder
-from vision_rl.tasks.common import METRIC, VisionTaskConfig, annotate, held_out_metrics, per_sample_score
+from vision_rl.tasks.common import METRIC, EmbeddedVLMConfig, annotate, held_out_metrics, per_sample_score
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220)}
@@ -35,7 +35,7 @@ SPLIT_SEED = {"eval": 11, "val": 22, "sft": 33, "train": 44}
 
 
 @register_task_schema("shapes")
-class ShapesTaskConfig(VisionTaskConfig):
+class ShapesTaskConfig(EmbeddedVLMConfig):
     name: Literal["shapes"] = "shapes"
     kind: Literal["detection", "grounding", "classification"] = Field("detection", description="which task")
     image_size: tuple[int, int] = Field((112, 112), description="(width, height) of generated images in pixels")
@@ -49,13 +49,9 @@ class ShapesTaskConfig(VisionTaskConfig):
     val_size: int = Field(100, ge=0)
     eval_size: int = Field(200, gt=0)
     data_seed: int = Field(1234, description="seed of the generator (fixed across run seeds)")
-    # the embedded model (model.name_or_path: embedded)
-    family: Literal["qwen2_vl", "qwen2_5_vl"] = Field("qwen2_vl", description="architecture of the embedded model")
-    hidden_size: int = Field(128, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    vision_depth: int = Field(2, gt=0)
-    vision_dim: int = Field(64, gt=0)
+
+    def embedded_corpus(self) -> tuple[list[str], list[str]]:
+        return tokenizer_corpus()
 
 
 def background(width: int, height: int, shade: int) -> Image.Image:
