@@ -39,6 +39,7 @@ test: install-dev
 bench: install
 	$(PY) benchmarks/bench_logprobs.py
 	$(PY) benchmarks/bench_diffusion.py
+	$(PY) benchmarks/bench_sandbox.py
 
 clean:
 	rm -rf runs/.cache
