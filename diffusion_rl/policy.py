@@ -152,8 +152,8 @@ class DiffusionPolicy:
     def denoise(self, eps_fn, noise: Tensor, cond: Tensor, uncond: Tensor, eta: float, on_step=None) -> Tensor:
         """The sampling loop: x_T = noise[:, 0], then one step per timestep; returns x_0.
 
-        `eps_fn(x, t, cond, uncond)` predicts the (guided) noise, or velocity for a flow step; `on_step(s, x_t, t, eps, x_prev, logp)`
-        sees every transition (trajectory storage, KL).
+        `eps_fn(x, t, cond, uncond)` predicts the (guided) noise, or the velocity for a flow step;
+        `on_step(s, x_t, t, eps, x_prev, logp)` sees every transition (trajectory storage, KL).
         """
         x = noise[:, 0]
         for s, t in enumerate(self.scheduler.timesteps.tolist()):

@@ -30,6 +30,8 @@ from collections import defaultdict
 from collections.abc import Hashable
 from pathlib import Path
 
+from shared.jsonl import jsonl_objects
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -224,15 +226,7 @@ def load_classification_jsonl(path: str | Path, image_root: str | Path | None = 
         raise FileNotFoundError(f"{path}: classification jsonl not found")
     root = _resolve(image_root, base_dir) if image_root is not None else path.parent
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):  # bad data, not a bad argument: ValueError like the other line errors
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
+    for n, obj in jsonl_objects(path):
         missing = [k for k in ("image", "label") if k not in obj]
         if missing:
             raise ValueError(f"{path}:{n}: missing key {missing[0]!r} (have: {', '.join(obj) or 'none'})")

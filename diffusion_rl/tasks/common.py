@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 
 from shared.config import Strict, register_task_schema
+from shared.jsonl import jsonl_objects
 
 
 class DiffusionTaskConfig(Strict):
@@ -96,20 +96,14 @@ def read_prompts(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{path}: prompt file not found")
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    if p.suffix == ".jsonl":
+        rows = []
+        for n, row in jsonl_objects(p):
+            if not isinstance(row.get("prompt"), str):
                 raise ValueError(f"{path}:{n}: expected an object with a string 'prompt'")
             rows.append(row)
-        else:
-            rows.append({"prompt": line.strip()})
+    else:
+        rows = [{"prompt": line.strip()} for line in p.read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows

@@ -11,13 +11,13 @@ used as the SFT demonstration. The held-out metric is math-verify equivalence of
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from shared.config import Strict, register_task_schema
+from shared.jsonl import jsonl_objects
 
 
 @register_task_schema("jsonl")
@@ -41,13 +41,7 @@ def read_jsonl(path: str | Path, prompt_field: str, answer_field: str, completio
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, obj in jsonl_objects(path):
         for key in (prompt_field, answer_field) + ((completion_field,) if completion_field else ()):
             if key not in obj:
                 raise ValueError(f"{path}:{i}: missing key {key!r} (have: {', '.join(obj)})")

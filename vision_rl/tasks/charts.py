@@ -17,7 +17,6 @@ rate, the textual reward and the visual similarity. A program that does not run 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from shared.config import register_task_schema
+from shared.jsonl import jsonl_objects
 from vision_rl.charts import generator
 from vision_rl.charts.metrics import execution_rate, image_similarity, low_level_score, textual_reward
 from vision_rl.tasks.common import EmbeddedVLMConfig
@@ -78,14 +78,8 @@ def read_jsonl(path: str) -> list[dict]:
     if not p.is_file():
         raise ValueError(f"{path}: no such file")
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(r, dict) or not isinstance(r.get("code"), str):
+    for n, r in jsonl_objects(p):
+        if not isinstance(r.get("code"), str):
             raise ValueError(f"{path}:{n}: a row needs a 'code' string")
         if "image" in r and not Path(r["image"]).is_file():
             raise ValueError(f"{path}:{n}: image {r['image']!r} not found")

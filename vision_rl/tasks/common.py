@@ -18,6 +18,7 @@ mIoU (grounding) or accuracy (classification).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Literal
 
 from pydantic import Field
@@ -55,9 +56,9 @@ class EmbeddedVLMConfig(VisionTaskConfig):
     vision_depth: int = Field(2, gt=0)
     vision_dim: int = Field(64, gt=0)
 
+    @abstractmethod
     def embedded_corpus(self) -> tuple[list[str], list[str]]:
         """(texts, phrases) for `vision_rl.embedded.build_tokenizer`."""
-        raise NotImplementedError(f"{type(self).__name__} does not define the embedded tokenizer's corpus")
 
 
 def coord_hint(coder: BoxCoder) -> str:
