@@ -52,22 +52,20 @@ class RenderCache:
     def runs(self, completions: Sequence[object], dpis: Sequence[float]) -> list[ChartRun | None]:
         """One run per completion, rendered at its row's dpi (None: empty or oversized program, never run)."""
         keys = [(extract_code(c), float(d)) for c, d in zip(completions, dpis, strict=True)]
-        todo = sorted({k for k in keys if k[0] and len(k[0]) <= MAX_CODE_CHARS and k not in self._runs})
+        with self._lock:
+            found = {k: self._runs[k] for k in set(keys) if k in self._runs}
+        todo = sorted({k for k in keys if k[0] and len(k[0]) <= MAX_CODE_CHARS and k not in found})
         for dpi in sorted({d for _, d in todo}):
             batch = [k for k in todo if k[1] == dpi]
-            fresh = render_many([code for code, _ in batch], self.limits, max_workers=self.workers, dpi=dpi)
-            with self._lock:
-                self._runs.update(zip(batch, fresh))
-                while len(self._runs) > self.size:
-                    self._runs.popitem(last=False)
-        with self._lock:
-            out = []
-            for k in keys:
-                run = self._runs.get(k)
-                if run is not None:
-                    self._runs.move_to_end(k)
-                out.append(run)
-        return out
+            found.update(zip(batch, render_many([code for code, _ in batch], self.limits,
+                                                max_workers=self.workers, dpi=dpi)))
+        with self._lock:  # remember this call's runs, most recent last; forget the oldest beyond `size`
+            for k in found:
+                self._runs[k] = found[k]
+                self._runs.move_to_end(k)
+            while len(self._runs) > self.size:
+                self._runs.popitem(last=False)
+        return [found.get(k) for k in keys]
 
 
 _CACHES: dict[tuple, RenderCache] = {}

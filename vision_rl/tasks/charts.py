@@ -92,10 +92,11 @@ class ChartsTask:
     higher_is_better = True
 
     def __init__(self, cfg: ChartsTaskConfig):
-        from shared.sandbox import SandboxLimits
+        from vision_rl.charts.rewards import render_cache
 
         self.cfg = cfg
-        self.limits = SandboxLimits(wall_s=cfg.wall_s, cpu_s=max(1, int(cfg.wall_s)), memory_mb=cfg.memory_mb)
+        self.cache = render_cache(cfg.wall_s, cfg.memory_mb, cfg.workers)  # shared with the chart rewards
+        self.limits = self.cache.limits
         if cfg.train_file:
             if not cfg.eval_file:
                 raise ValueError("eval_file: required with train_file")
@@ -116,10 +117,7 @@ class ChartsTask:
         return self._splits[name]
 
     def _runs(self, completions: list[str], rows: list[dict]):
-        from vision_rl.charts.rewards import render_cache
-
-        cache = render_cache(self.cfg.wall_s, self.cfg.memory_mb, self.cfg.workers)
-        return cache.runs(completions, [r["dpi"] for r in rows])
+        return self.cache.runs(completions, [r["dpi"] for r in rows])
 
     def score(self, completions: list[str], rows: list[dict]) -> list[float]:
         """Per sample: the low-level score / 100 (0 when the program does not draw)."""
