@@ -44,23 +44,58 @@ class LMForward(nn.Module):
         self.chunk_size = chunk_size
         self.suppress_ids: list[int] = []  # tokens generation never emits: their probability is 0 here too
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
         """Last decoder hidden states [B, L, H]; position ids from the attention mask, as `generate` does."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = hf_model(self.model).base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                              position_ids=position_ids, use_cache=False)
+        ids = dict(inputs_embeds=inputs_embeds) if inputs_embeds is not None else dict(input_ids=input_ids)
+        out = hf_model(self.model).base_model(**ids, attention_mask=attention_mask, position_ids=position_ids,
+                                              use_cache=False)
         return out.last_hidden_state
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, with_entropy: bool = False, **extra):
-        hidden = self.hidden_states(input_ids, attention_mask, **extra)
+    def head(self) -> tuple[Tensor, Tensor | None]:
+        """LM-head weight and bias of the sampling distribution (suppressed tokens get -1e9, as in `generate`)."""
         head = hf_model(self.model).get_output_embeddings()
         bias = getattr(head, "bias", None)
-        if self.suppress_ids:  # the same distribution `generate` samples from (suppress_tokens -> -inf)
+        if self.suppress_ids:
             ban = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
             ban[self.suppress_ids] = -1e9
             bias = ban if bias is None else bias + ban
-        return completion_log_probs(hidden, input_ids, mask, head.weight, bias, self.temperature, self.chunk_size,
-                                    with_entropy)
+        return head.weight, bias
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, with_entropy: bool = False,
+                residual_lambda: float = 0.0, kl_reference: nn.Module | None = None, **extra):
+        """(logp, entropy); with `kl_reference` also {"vocab_kl": KL(reference || self) per token} (ASFT).
+        `residual_lambda` > 0 runs IFT's temporal-residual forward (`residual_embeddings`)."""
+        embeds = self.residual_embeddings(input_ids, attention_mask, mask, residual_lambda) if residual_lambda else None
+        hidden = self.hidden_states(input_ids, attention_mask, **extra, **({"inputs_embeds": embeds} if embeds is not None else {}))
+        weight, bias = self.head()
+        logp, entropy = completion_log_probs(hidden, input_ids, mask, weight, bias, self.temperature, self.chunk_size,
+                                             with_entropy)
+        if kl_reference is None:
+            return logp, entropy
+        with torch.no_grad():
+            ref_hidden = kl_reference.hidden_states(input_ids, attention_mask, **extra)
+        ref_weight, ref_bias = kl_reference.head()
+        kl = completion_vocab_kl(hidden, ref_hidden, mask, (weight, bias), (ref_weight, ref_bias), self.temperature,
+                                 self.chunk_size)
+        return logp, entropy, {"vocab_kl": kl}
+
+    @torch.no_grad()
+    def residual_embeddings(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, lam: float) -> Tensor:
+        """IFT (Hua et al. 2024) inputs: at completion position t, (1 - lam) E(y_t) + lam E(ŷ_t), where ŷ_t is the
+        model's greedy prediction for t given y_<t (a no-grad pass) and E a frozen copy of the input embeddings
+        taken at the first call (the embedding matrix therefore gets no gradient from IFT)."""
+        if getattr(self, "_frozen_embed", None) is None:
+            self._frozen_embed = hf_model(self.model).get_input_embeddings().weight.detach().clone()
+        E = self._frozen_embed
+        T = mask.shape[1]
+        weight, bias = self.head()
+        h = self.hidden_states(input_ids, attention_mask)[:, -T - 1 : -1]
+        logits = h @ weight.T + (bias if bias is not None else 0.0)
+        pred = torch.where(mask.bool(), logits.argmax(-1), input_ids[:, -T:])
+        embeds = E[input_ids].clone()
+        embeds[:, -T:] = (1 - lam) * E[input_ids[:, -T:]] + lam * E[pred]
+        return embeds
 
 
 def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
@@ -81,6 +116,23 @@ def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, weight
         logp = logp + 0.0 * (hidden.float().sum() + weight.float().sum())
     entropy = None if ent is None else hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, ent)
     return logp, entropy
+
+
+def completion_vocab_kl(hidden: Tensor, ref_hidden: Tensor, mask: Tensor, head: tuple, ref_head: tuple,
+                        temperature: float, chunk_size: int) -> Tensor:
+    """KL(p_ref || p_theta) over the full vocabulary at each completion position [B, T] (grad through p_theta),
+    computed chunk by chunk over positions (full-vocabulary logits of one chunk at a time)."""
+    T = mask.shape[1]
+    sel = mask.bool()
+    h, hr = hidden[:, -T - 1 : -1][sel], ref_hidden[:, -T - 1 : -1][sel]
+    parts = []
+    for s in range(0, h.shape[0], chunk_size):
+        logits = torch.nn.functional.linear(h[s : s + chunk_size], *head).float() / temperature
+        ref_logits = torch.nn.functional.linear(hr[s : s + chunk_size], *ref_head).float() / temperature
+        ref_lp = ref_logits.log_softmax(-1)
+        parts.append((ref_lp.exp() * (ref_lp - logits.log_softmax(-1))).sum(-1))
+    flat = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, flat)
 
 
 def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
@@ -201,15 +253,40 @@ class CausalLMPolicy:
 
     def demo_batch(self, rows: list[dict]) -> Rollout:
         """Teacher-forcing batch of (prompt, completion) demonstrations for SFT."""
+        return self.rollout_from(rows, [[r["completion"]] for r in rows], 0)
+
+    def rollout_from(self, rows: list[dict], completions: list[list[str]], first_group_id: int) -> Rollout:
+        """Teacher-forcing rollout of given completions (offline data): completions[i] are row i's group."""
         device = next(self.module.parameters()).device
-        comp, mask = self.encode_completions([r["completion"] for r in rows], device)
-        inputs = self.append_completion(self.encode_rows(rows, device), comp, mask)
-        return Rollout(inputs=inputs, mask=mask, group_ids=torch.arange(len(rows)), rows=list(rows))
+        flat_rows = [r for r, cs in zip(rows, completions) for _ in cs]
+        texts = [c for cs in completions for c in cs]
+        comp, mask = self.encode_completions(texts, device)
+        prompts = {k: v.repeat_interleave(torch.tensor([len(cs) for cs in completions], device=v.device), 0)
+                   for k, v in self.encode_rows(rows, device).items()}
+        group_ids = torch.arange(first_group_id, first_group_id + len(rows)).repeat_interleave(
+            torch.tensor([len(cs) for cs in completions]))
+        lengths = mask.sum(-1)
+        stats = {"completion_len_mean": float(lengths.float().mean()), "completion_len_max": float(lengths.max()),
+                 "truncated_frac": 0.0, "sample_tokens": float(lengths.sum()), "sample_seconds": 0.0}
+        return Rollout(inputs=self.append_completion(prompts, comp, mask), mask=mask, group_ids=group_ids,
+                       completions=texts, rows=flat_rows, stats=stats, pad_values={"input_ids": self.pad_id})
 
     # ------------------------------------------------------------------ log-probs
-    def log_probs(self, batch: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Per-token log-probs under the trained module (gradients flow when enabled)."""
-        return self.module(**batch.inputs, mask=batch.mask, with_entropy=with_entropy)
+    def log_probs(self, batch: Rollout, with_entropy: bool = False, vocab_kl: bool = False,
+                  residual_lambda: float = 0.0) -> tuple:
+        """Per-token log-probs (and entropies) under the trained module (gradients flow when enabled).
+
+        Objectives' forward options: `vocab_kl` adds a third item {"vocab_kl": [B, T]}, the full-vocabulary
+        KL from the frozen reference (ASFT); `residual_lambda` selects IFT's residual forward."""
+        ref = self._reference_module() if vocab_kl else None
+        return self.module(**batch.inputs, mask=batch.mask, with_entropy=with_entropy, residual_lambda=residual_lambda,
+                           kl_reference=ref)
+
+    def _reference_module(self) -> nn.Module:
+        if self._reference is None:
+            raise RuntimeError("the full-vocabulary KL needs a frozen reference copy: build_reference() first "
+                               "(under LoRA there is none; train without LoRA)")
+        return self._reference
 
     @torch.no_grad()
     def reference_log_probs(self, batch: Rollout) -> Tensor:

@@ -6,7 +6,14 @@
 | `dr_grpo`   | r_i - mean_g                                | Dr. GRPO                         |
 | `batch_std` | (r_i - mean_g) / (std over the batch + eps) | "Lite PPO"-style normalisation   |
 | `rloo`      | r_i - sum_{j!=i} r_j / (G - 1)              | RLOO                             |
-| `none`      | r_i                                         | baselines supplied elsewhere     |
+| `none`      | r_i                                         | demonstrations, supplied weights |
+| `remax`     | r_i - b(x), b = reward of the greedy output | ReMax (extra: `baseline`)        |
+| `alol`      | max(r_i - V(x), 0), V a learned value head  | A-LoL (extra: `baseline`)        |
+| `expert_iteration` | 1 for a verified (r > threshold) completion, first of its text in its group; else 0 | EI (extra: `unique`) |
+| `raft`      | 1 for the first best-reward completion of each group, else 0 | RAFT best-of-K |
+
+The last four take per-sample extras that the rollout carries (`Rollout.extras`); an estimator
+declares them in its `needs` attribute and `compute_advantages` passes exactly those.
 
 std is the unbiased sample standard deviation (torch.std default, as in TRL and verl); a group of
 one sample has std 0. eps defaults to 1e-6 (verl's value; config `algorithm.adv_eps`). A group whose
@@ -78,17 +85,61 @@ def none(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
     return rewards.clone()
 
 
+def remax(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, *, baseline: Tensor) -> Tensor:
+    """ReMax (Li et al. 2023; verl `compute_remax_outcome_advantage`): A_i = r_i - r(x, greedy output)."""
+    return (rewards.double() - baseline.double().to(rewards.device)).to(rewards.dtype)
+
+
+def alol(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, *, baseline: Tensor) -> Tensor:
+    """A-LoL (Baheti et al. 2023): A = max(R - V(x), 0); V is a value head fit to the reference's rewards."""
+    return (rewards.double() - baseline.double().to(rewards.device)).clamp(min=0).to(rewards.dtype)
+
+
+def expert_iteration(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, *, unique: Tensor,
+                     threshold: float = 0.5) -> Tensor:
+    """Expert iteration: weight 1 on verified completions (r > threshold), each distinct text once per group."""
+    keep = (rewards > threshold) & unique.to(device=rewards.device, dtype=torch.bool)
+    return keep.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def raft(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+    """RAFT (Dong et al. 2023): weight 1 on the best-of-K completion of each group (first one on ties)."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    r = rewards.double()
+    best = torch.full((int(inv.max()) + 1 if inv.numel() else 0,), -torch.inf, dtype=r.dtype, device=r.device)
+    best = best.scatter_reduce(0, inv, r, "amax")
+    is_best = r == best[inv]
+    pos = torch.arange(len(r), device=r.device)
+    first = torch.full_like(best, len(r), dtype=torch.long).scatter_reduce(
+        0, inv[is_best], pos[is_best], "amin")
+    return (pos == first[inv]).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+remax.needs = alol.needs = ("baseline",)
+expert_iteration.needs = ("unique", "threshold")
+
 ADVANTAGES: dict[str, Callable[..., Tensor]] = {
     "grpo": grpo,
     "dr_grpo": dr_grpo,
     "batch_std": batch_std,
     "rloo": rloo,
     "none": none,
+    "remax": remax,
+    "alol": alol,
+    "expert_iteration": expert_iteration,
+    "raft": raft,
 }
 
 
-def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
-    return ADVANTAGES[name](rewards, group_ids, eps)
+def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, **extras) -> Tensor:
+    """The estimator `name`; `extras` may hold more than it needs (only its `needs` are passed)."""
+    fn = ADVANTAGES[name]
+    needs = getattr(fn, "needs", ())
+    optional = getattr(fn, "__kwdefaults__", None) or {}  # options with a default (expert_iteration's threshold)
+    missing = [k for k in needs if k not in extras and k not in optional]
+    if missing:
+        raise ValueError(f"advantage {name!r} needs per-sample {', '.join(missing)} (not in the rollout)")
+    return fn(rewards, group_ids, eps, **{k: extras[k] for k in needs if k in extras})
 
 
 def zero_std_group_fraction(rewards: Tensor, group_ids: Tensor) -> float:

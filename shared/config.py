@@ -90,6 +90,9 @@ class RolloutConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     backend: Literal["hf"] = Field("hf", description="generation backend")
+    source: Literal["online", "offline"] = Field(
+        "online", description="online: sample completions; offline: train on the completions the train rows carry "
+        "(preference pairs, demonstrations, scored outputs: formats in shared/offline.py)")
     dynamic_sampling: bool = Field(
         False, description="DAPO: drop groups whose rewards are all equal and refill with new prompts")
     max_gen_batches: int = Field(
@@ -100,7 +103,8 @@ class AlgorithmConfig(Strict):
     """The policy-gradient family of METHODS.md part A; every default is stated here."""
 
     objective: str = Field("ppo_clip", description="objective name in shared.objectives.OBJECTIVES")
-    advantage: Literal["grpo", "dr_grpo", "batch_std", "rloo", "per_prompt_tracker", "none"] = Field(
+    advantage: Literal["grpo", "dr_grpo", "batch_std", "rloo", "per_prompt_tracker", "none", "remax", "alol",
+                       "expert_iteration", "raft"] = Field(
         "grpo", description="advantage estimator (table in shared/advantages.py)"
     )
     adv_eps: float = Field(1e-6, ge=0, description="added to the std in std-normalised advantages")
@@ -125,6 +129,21 @@ class AlgorithmConfig(Strict):
         None, gt=0, description="L_const of seq_mean_token_sum_norm; defaults to rollout.max_new_tokens"
     )
     epochs: int = Field(1, gt=0, description="passes over each rollout batch (PPO epochs, mu)")
+    # objectives of the seed papers (llm_rl/objectives.py); each default is the authors'
+    positive_threshold: float = Field(0.5, description="a sample is correct/verified when its reward exceeds this "
+                                      "(nft, expert_iteration)")
+    nft_clamp: float = Field(1.0, gt=0, description="NFT straight-through clamp eps of the negative likelihood ratio")
+    nft_weighting: Literal["one_minus_rhat", "std"] = Field(
+        "one_minus_rhat", description="NFT question weight: 1 - r̂ (normalize=1) or sqrt((1 - r̂) / r̂) (normalize=2)")
+    pref_loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="dpo/modpo pair loss (sigmoid = DPO)")
+    modpo_weight: float = Field(0.5, gt=0, le=1, description="MODPO: weight w of the preference objective; "
+                                "the margin reward is weighted by 1 - w")
+    alol_variant: Literal["seq", "token", "kl", "ref_free"] = Field("seq", description="A-LoL variant")
+    alol_clip: float = Field(0.9, gt=0, lt=1, description="A-LoL importance-weight clip: ratio in [1 - c, 1 + c]")
+    value_epochs: int = Field(10, gt=0, description="A-LoL value head: epochs on the reference's greedy outputs")
+    value_lr: float = Field(1e-5, gt=0, description="A-LoL value head learning rate")
+    ift_lambda: float = Field(0.2, ge=0, le=1, description="IFT temporal residual: weight of the predicted token")
+    ift_gamma: float = Field(0.95, gt=0, le=1, description="IFT relation-propagation discount")
 
 
 class SamplerConfig(Strict):
@@ -455,6 +474,12 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
     if getattr(objective, "needs_reference", False) and (a.beta <= 0 or a.kl_placement != "loss"):
         raise ConfigError(f"{source}: algorithm.objective={a.objective!r} needs algorithm.beta > 0 (got {a.beta}) "
                           f"and kl_placement 'loss' (got {a.kl_placement!r}): beta is its KL weight")
+    if r.source == "offline" and r.dynamic_sampling:
+        raise ConfigError(f"{source}: rollout.dynamic_sampling needs sampled groups; it cannot be used with "
+                          "rollout.source='offline'")
+    if a.advantage == "remax" and r.source == "offline":
+        raise ConfigError(f"{source}: algorithm.advantage='remax' compares samples with the policy's greedy output, "
+                          "so it needs rollout.source='online'")
     if a.kl_placement == "reward" and a.beta == 0:
         raise ConfigError(f"{source}: algorithm.kl_placement='reward' has no effect with algorithm.beta=0")
     if not math.isfinite(cfg.optim.lr):

@@ -30,13 +30,15 @@ from transformers import get_scheduler
 
 from shared.advantages import PerPromptTracker, clip_advantages, compute_advantages, group_stats, zero_std_group_fraction
 from shared.aggregation import StepNorm
+from shared.baselines import build_baseline
 from shared.checkpoint import latest_checkpoint, load_hf_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from shared.config import RunConfig, dump_config, optimizer_steps_per_rollout
 from shared.evaluate import evaluate
 from shared.kl import kl_penalty
 from shared.objectives import OBJECTIVES
+from shared.offline import check_offline_rows, offline_rollout
 from shared.recipe import build_components
-from shared.rollout import Rollout
+from shared.rollout import Rollout, first_in_group
 from shared.sampler import build_sampler
 from shared.tracking import RunLogger, plot_metrics
 
@@ -66,10 +68,15 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     comps = build_components(cfg, acc)  # policy (warm-started if configured), task, reward
     t_rl = time.time()
     policy, task, reward_fn = comps.policy, comps.task, comps.reward
-    if a.beta > 0:
-        policy.build_reference()
     objective = OBJECTIVES[a.objective]
+    use_ref = a.beta > 0 or getattr(objective, "uses_reference", False)
+    if use_ref:
+        policy.build_reference()
+    forward_options = getattr(objective, "forward_options", lambda _: {})(a)
     train_rows = task.split("train")
+    if r.source == "offline":
+        check_offline_rows(train_rows, r.samples_per_prompt)
+    baseline = build_baseline(a.advantage, policy, task, reward_fn, cfg, acc)  # ReMax / A-LoL: b(x) per prompt
     sampler = build_sampler(cfg.sampler, train_rows, r.prompts_per_step, cfg.seed)
     tracker = (PerPromptTracker(a.tracker_buffer, a.tracker_min_count, a.adv_eps)
                if a.advantage == "per_prompt_tracker" else None)
@@ -114,7 +121,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     for step in range(start_step + 1, t.steps + 1):
         t_step = time.perf_counter()
         # 1-2. prompts -> samples -> rewards (each component scored; failures isolated in reward_fn)
-        rollout, idx, info = collect_rollout(policy, sampler, train_rows, reward_fn, cfg, acc, step)
+        rollout, idx, info = collect_rollout(policy, sampler, train_rows, reward_fn, cfg, acc, step, baseline)
         sample_stats = rollout.stats
         rewards = rollout.rewards.to(acc.device)
 
@@ -122,10 +129,10 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         # A policy whose sampler knows its exact log-probs (diffusion steps) has set old_logp already.
         if rollout.old_logp is None and (needs_old_logp or (a.beta > 0 and a.kl_placement == "reward")):
             rollout.old_logp = _no_grad_logp(policy, rollout)
-        if a.beta > 0:
+        if use_ref:
             with acc.autocast():
                 rollout.ref_logp = policy.reference_log_probs(rollout)
-            if a.kl_placement == "reward":  # r <- r - beta * sum_t k1 (METHODS.md A, KL placement)
+            if a.beta > 0 and a.kl_placement == "reward":  # r <- r - beta * sum_t k1 (METHODS.md A, KL placement)
                 kl_seq = (kl_penalty(rollout.old_logp, rollout.ref_logp, "k1", a.kl_clamp) * rollout.mask).sum(-1)
                 rewards = rewards - a.beta * kl_seq.to(rewards.device)
 
@@ -136,8 +143,10 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             keys = [row["prompt"] for row in rollout.rows]
             keys = gather_object(keys) if acc.num_processes > 1 else keys
             adv_all = tracker(keys, all_rewards.double().cpu()).to(acc.device)
-        else:
-            adv_all = compute_advantages(a.advantage, all_rewards.double(), all_groups, a.adv_eps)
+        else:  # per-sample extras (baselines, dedup flags) are gathered like the rewards
+            extras = {k: acc.gather(v.to(acc.device)) for k, v in rollout.extras.items()}
+            adv_all = compute_advantages(a.advantage, all_rewards.double(), all_groups, a.adv_eps,
+                                         threshold=a.positive_threshold, **extras)
         adv_all = clip_advantages(adv_all, a.adv_clip).float()
         n_local = len(rollout)
         rollout.advantages = adv_all[acc.process_index * n_local : (acc.process_index + 1) * n_local]
@@ -158,10 +167,11 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
                     sync = m == len(micro) - 1
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(policy.module)
                     with ctx:
-                        logp, entropy = policy.log_probs(mb, with_entropy=True)
+                        logp, entropy, *aux = policy.log_probs(mb, with_entropy=True, **forward_options)
                         old = mb.old_logp if mb.old_logp is not None else logp.detach()
                         loss, metrics = objective(logp, old, mb.ref_logp, mb.advantages, mb.mask, a, norm,
-                                                  group_ids=mb.group_ids, rewards=mb.rewards)
+                                                  group_ids=mb.group_ids, rewards=mb.rewards, **mb.extras,
+                                                  **(aux[0] if aux else {}))
                         # DDP averages gradients over processes; the loss shares are global sums.
                         acc.backward(loss * acc.num_processes)
                     metrics["loss"] = loss.detach()
@@ -258,7 +268,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
 
 
 def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
-                    step: int | None = None) -> tuple[Rollout, list[int], dict]:
+                    step: int | None = None, baseline=None) -> tuple[Rollout, list[int], dict]:
     """Sample this process's groups and score them (reward weights of RL step `step`, see `rewards[].start_step`).
 
     Every process draws the same global prompt batch and keeps its slice of whole groups. Group ids
@@ -270,6 +280,10 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
     `rollout.max_gen_batches` batches were drawn; the batch is then cut to its share, and a shortfall
     is filled with dropped groups whose mask is zeroed (they neither train nor count in the
     loss normalisation), so the optimizer-step geometry never changes.
+
+    With `rollout.source: offline` nothing is sampled: the rows' own completions (shared/offline.py)
+    form the groups, scored by the data's rewards when it has them, else by the reward functions.
+    `baseline(rows, step)` (ReMax, A-LoL) adds each prompt's baseline as `extras["baseline"]`.
     """
     r = cfg.rollout
     G, P_local = r.samples_per_prompt, r.prompts_per_step // acc.num_processes
@@ -280,11 +294,21 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
         idx = sampler.next_batch()
         drawn += idx
         rows = [train_rows[i] for i in idx[acc.process_index * P_local : (acc.process_index + 1) * P_local]]
-        with acc.autocast():  # same precision as the training forward (a no-op without mixed precision)
-            part = policy.sample(rows, G, seed=cfg.seed, first_sample_id=first * G, first_group_id=first)
-        res = reward_fn(part.completions, part.fields(), step=step)
-        part.rewards, part.components = res.total, res.components
-        failures.update(res.failures)
+        if r.source == "offline":
+            part, data_rewards = offline_rollout(policy, rows, first)
+        else:
+            data_rewards = None
+            with acc.autocast():  # same precision as the training forward (a no-op without mixed precision)
+                part = policy.sample(rows, G, seed=cfg.seed, first_sample_id=first * G, first_group_id=first)
+        if data_rewards is not None:
+            part.rewards, part.components = data_rewards, {"data": data_rewards}
+        else:
+            res = reward_fn(part.completions, part.fields(), step=step)
+            part.rewards, part.components = res.total, res.components
+            failures.update(res.failures)
+        part.extras["unique"] = first_in_group(part.completions, part.group_ids)
+        if baseline is not None:
+            part.extras["baseline"] = baseline(rows, step).repeat_interleave(G)
         if not r.dynamic_sampling:
             return part, drawn, {"failures": failures, "gen_batches": 1, "kept_groups": P_local}
         informative = group_stats(part.rewards, part.group_ids)[1] > 0

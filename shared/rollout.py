@@ -34,6 +34,7 @@ class Rollout:
     advantages: Tensor | None = None  # [B]
     stats: dict[str, float] = field(default_factory=dict)  # sampling statistics (lengths, truncation)
     components: dict[str, Tensor] = field(default_factory=dict)  # per-reward scores [B], for logging
+    extras: dict[str, Tensor] = field(default_factory=dict)  # other per-sample values [B] (baselines, margins)
     pad_values: dict[str, float] = field(default_factory=dict)  # padding value of each input
 
     def __len__(self) -> int:
@@ -57,6 +58,7 @@ class Rollout:
             rewards=pick(self.rewards),
             advantages=pick(self.advantages),
             components={k: pick(v) for k, v in self.components.items()},
+            extras={k: pick(v) for k, v in self.extras.items()},
         )
 
     @staticmethod
@@ -101,6 +103,7 @@ class Rollout:
             else:  # per-sample means
                 stats[key] = sum(v * m for v, m in zip(vals, n)) / max(sum(n), 1)
         comps = {k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components}
+        extras = {k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras}
         return Rollout(
             inputs=inputs, mask=torch.cat([right(p.mask, T) for p in parts]),
             group_ids=torch.cat([p.group_ids for p in parts]),
@@ -108,10 +111,23 @@ class Rollout:
             old_logp=cat_opt([right(p.old_logp, T) for p in parts]),
             ref_logp=cat_opt([right(p.ref_logp, T) for p in parts]),
             rewards=cat_opt([p.rewards for p in parts]), advantages=cat_opt([p.advantages for p in parts]),
-            stats=stats, components=comps, pad_values=pads,
+            stats=stats, components=comps, extras=extras, pad_values=pads,
         )
 
     def fields(self) -> dict[str, list]:
         """Dataset columns aligned with completions, as reward functions receive them."""
         keys = self.rows[0].keys() if self.rows else []
         return {k: [r.get(k) for r in self.rows] for k in keys}
+
+
+def first_in_group(completions: list, group_ids: Tensor) -> Tensor:
+    """1.0 for a completion whose text is the first of its kind in its group, else 0.0 [B] (expert
+    iteration trains each distinct verified answer once). Non-text completions count as distinct."""
+    seen: set = set()
+    flags = []
+    for c, g in zip(completions, group_ids.tolist()):
+        key = (g, c) if isinstance(c, str) else None
+        flags.append(key is None or key not in seen)
+        if key is not None:
+            seen.add(key)
+    return torch.tensor(flags, dtype=torch.float32)

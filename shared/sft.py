@@ -26,7 +26,13 @@ from shared.evaluate import evaluate
 
 
 def warmup_key(cfg) -> str:
-    blob = json.dumps({"model": cfg.model.name_or_path, "task": cfg.task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"}),
+    """Hash of what determines the warm start. Task fields a schema lists in `WARMUP_NEUTRAL` (e.g. which
+    offline data the RL stage trains on) do not change the warm-up, so they are left out of the hash."""
+    from shared.config import TASK_SCHEMAS
+
+    neutral = getattr(TASK_SCHEMAS.get(cfg.task.get("name")), "WARMUP_NEUTRAL", ())
+    task = {k: v for k, v in cfg.task.items() if k not in neutral}
+    blob = json.dumps({"model": cfg.model.name_or_path, "task": task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"}),
                        "seed": cfg.seed, "max_new_tokens": cfg.rollout.max_new_tokens}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

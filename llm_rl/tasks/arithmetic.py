@@ -5,12 +5,23 @@ splits come from one seeded generator: `sft` (worked demonstrations for the warm
 (prompts for RL; their answers are only seen by the verifier), `val` (warm-up model selection) and
 `eval` (held-out report). The tokenizer is character level, built with the `tokenizers` library,
 and the model is a tiny `Qwen2ForCausalLM`, so the real transformers code paths run offline.
+
+With ``offline`` set, every `train` row also carries completions to train on without sampling (formats
+in `shared.offline`), drawn from a generator of their own so the problems do not change:
+
+- ``demos``: ``completions: [answer]``, ``rewards: [1.0]``;
+- ``pairs``: ``chosen: answer``, ``rejected:`` a plausible mistake, and ``margins: [m(chosen), m(rejected)]``
+  with m(y) = -len(y) / 10, a second objective ("shorter answers") for MODPO;
+- ``scored``: one completion, correct with probability ``offline_correct_frac`` and otherwise a plausible
+  mistake, with ``rewards: [1.0]`` or ``[0.0]``.
+
+A plausible mistake (`plausible_mistake`) is the sum with its carries dropped, or a one-digit slip.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -24,6 +35,8 @@ CHARS = list("0123456789+-*=() ")
 
 @register_task_schema("arithmetic")
 class ArithmeticTaskConfig(Strict):
+    WARMUP_NEUTRAL: ClassVar[tuple[str, ...]] = ("offline", "offline_correct_frac")  # RL-stage data only
+
     name: Literal["arithmetic"] = "arithmetic"
     digits: int = Field(3, gt=0, le=9, description="operands are drawn from [0, 10**digits)")
     ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], description="operators drawn uniformly")
@@ -35,6 +48,11 @@ class ArithmeticTaskConfig(Strict):
     hidden_size: int = Field(128, gt=0, description="embedded model width")
     num_layers: int = Field(2, gt=0, description="embedded model depth")
     num_heads: int = Field(4, gt=0)
+    offline: Literal["none", "demos", "pairs", "scored"] = Field(
+        "none", description="give train rows offline completions: correct demos, (correct, mistake) pairs with "
+                            "a length margin, or single completions scored 1/0 (see the module docstring)")
+    offline_correct_frac: float = Field(0.5, ge=0, le=1,
+                                        description="offline='scored': probability a completion is correct")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -70,6 +88,48 @@ def _solve(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
+def dropped_carry(a: int, b: int) -> str:
+    """a + b with every carry dropped (digit-wise (x_i + y_i) mod 10): the classic column-addition slip."""
+    digits = []
+    while a or b:
+        digits.append(str((a % 10 + b % 10) % 10))
+        a, b = a // 10, b // 10
+    return "".join(reversed(digits)).lstrip("0") or "0"
+
+
+def _digit_slip(answer: str, rng: random.Random) -> str:
+    """`answer` with one random digit moved by +-1 (mod 10); never a new leading zero on a number that has
+    more than one digit or a sign, so the result still reads as a number. Always differs from `answer`."""
+    sign, digits = ("-", answer[1:]) if answer.startswith("-") else ("", answer)
+    while True:
+        i = rng.randrange(len(digits))
+        d = (int(digits[i]) + rng.choice((-1, 1))) % 10
+        if i == 0 and d == 0 and (len(digits) > 1 or sign):
+            continue
+        return sign + digits[:i] + str(d) + digits[i + 1:]
+
+
+def plausible_mistake(a: int, op: str, b: int, rng: random.Random) -> str:
+    """A wrong answer a learner could give: for "+", half the time the carry-dropped sum (when that is
+    wrong), otherwise the true answer with a one-digit slip. Never the correct answer."""
+    answer = str(_solve(a, op, b))
+    if op == "+" and rng.random() < 0.5 and (wrong := dropped_carry(a, b)) != answer:
+        return wrong
+    return _digit_slip(answer, rng)
+
+
+def offline_fields(cfg: ArithmeticTaskConfig, a: int, op: str, b: int, rng: random.Random) -> dict:
+    """The offline keys of the train row for a `op` b under `cfg.offline` (see the module docstring)."""
+    answer = str(_solve(a, op, b))
+    if cfg.offline == "demos":
+        return {"completions": [answer], "rewards": [1.0]}
+    if cfg.offline == "pairs":
+        rejected = plausible_mistake(a, op, b, rng)
+        return {"chosen": answer, "rejected": rejected, "margins": [-len(answer) / 10, -len(rejected) / 10]}
+    correct = rng.random() < cfg.offline_correct_frac
+    return {"completions": [answer if correct else plausible_mistake(a, op, b, rng)], "rewards": [float(correct)]}
+
+
 class ArithmeticTask:
     metric = "accuracy"
     higher_is_better = True
@@ -83,6 +143,7 @@ class ArithmeticTask:
             raise ValueError(f"task: {sum(sizes.values())} problems requested but at most {space // 2} (half of the {space} distinct ones) can be drawn "
                              f"with digits={cfg.digits}; lower the split sizes or raise digits")
         seen: set[tuple] = set()
+        offline_rng = random.Random(cfg.data_seed + 1)  # own stream: offline data leaves the problems unchanged
         self._splits: dict[str, list[dict]] = {}
         for name, n in sizes.items():  # eval first: held-out problems never appear elsewhere
             rows = []
@@ -95,6 +156,8 @@ class ArithmeticTask:
                 ans = str(_solve(a, op, b))
                 rows.append({"prompt": f"{a}{op}{b}=", "answer": ans, "completion": ans,
                              "category": f"carries={_carries(a, b)}" if op == "+" else f"op={op}"})
+                if name == "train" and cfg.offline != "none":
+                    rows[-1] |= offline_fields(cfg, a, op, b, offline_rng)
             self._splits[name] = rows
 
     def split(self, name: str) -> list[dict]:

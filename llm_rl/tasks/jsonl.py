@@ -7,6 +7,9 @@ Typical use is GSM8K/MATH-style data prepared locally::
 
 `prompt_field` / `answer_field` name the keys; `completion_field` (optional) names a worked solution
 used as the SFT demonstration. The held-out metric is math-verify equivalence of the final answer.
+
+Lines may also carry offline completions (keys "completions"/"rewards"/"margins", "chosen"/"rejected",
+"reward"; formats in `shared.offline`), which are kept on the row; such lines need no answer.
 """
 
 from __future__ import annotations
@@ -35,20 +38,28 @@ class JsonlTaskConfig(Strict):
     use_chat_template: bool = True
 
 
+OFFLINE_KEYS = ("completions", "rewards", "margins", "chosen", "rejected", "reward")
+
+
 def read_jsonl(path: str | Path, prompt_field: str, answer_field: str, completion_field: str | None = None,
                template: str = "{prompt}") -> list[dict]:
+    """Rows {"prompt", "answer"[, "completion"], "_where": "<path>:<line>"} plus any offline keys
+    (see shared.offline) copied unchanged; the answer is optional ("") on lines with offline keys,
+    since preference data often has no reference answer."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     rows = []
     for i, obj in jsonl_objects(path):
-        for key in (prompt_field, answer_field) + ((completion_field,) if completion_field else ()):
+        offline = {k: obj[k] for k in OFFLINE_KEYS if k in obj}
+        required = [prompt_field, *([] if offline else [answer_field])]
+        for key in required + ([completion_field] if completion_field else []):
             if key not in obj:
                 raise ValueError(f"{path}:{i}: missing key {key!r} (have: {', '.join(obj)})")
-        row = {"prompt": template.format(prompt=obj[prompt_field]), "answer": str(obj[answer_field])}
+        row = {"prompt": template.format(prompt=obj[prompt_field]), "answer": str(obj.get(answer_field, ""))}
         if completion_field:
             row["completion"] = str(obj[completion_field])
-        rows.append(row)
+        rows.append(row | offline | {"_where": f"{path}:{i}"})
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

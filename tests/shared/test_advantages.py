@@ -113,18 +113,24 @@ def test_none_is_raw_reward_copy():
     assert r[0] == 1.0  # a copy, not a view
 
 
+def _extras(r):
+    """Per-sample extras the baseline and filter estimators need (ignored by the others)."""
+    return {"baseline": torch.full_like(r, 0.25), "unique": torch.ones_like(r)}
+
+
 def test_registry_and_dispatch():
-    assert set(ADVANTAGES) == {"grpo", "dr_grpo", "batch_std", "rloo", "none"}
+    assert set(ADVANTAGES) == {"grpo", "dr_grpo", "batch_std", "rloo", "none", "remax", "alol", "expert_iteration", "raft"}
     r, g = _example()
     for name, fn in ADVANTAGES.items():
-        torch.testing.assert_close(compute_advantages(name, r, g, 1e-3), fn(r, g, 1e-3))
+        needed = {k: v for k, v in _extras(r).items() if k in getattr(fn, "needs", ())}
+        torch.testing.assert_close(compute_advantages(name, r, g, 1e-3, **_extras(r)), fn(r, g, 1e-3, **needed))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_output_dtype_follows_input(dtype):
     r, g = _example(dtype)
-    for fn in ADVANTAGES.values():
-        assert fn(r, g).dtype == dtype
+    for name in ADVANTAGES:
+        assert compute_advantages(name, r, g, **_extras(r)).dtype == dtype
 
 
 @pytest.mark.parametrize("name", ["grpo", "dr_grpo", "batch_std", "rloo"])
