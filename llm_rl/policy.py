@@ -80,22 +80,24 @@ class LMForward(nn.Module):
                                  self.chunk_size)
         return logp, entropy, {"vocab_kl": kl}
 
-    @torch.no_grad()
     def residual_embeddings(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor, lam: float) -> Tensor:
-        """IFT (Hua et al. 2024) inputs: at completion position t, (1 - lam) E(y_t) + lam E(ŷ_t), where ŷ_t is the
-        model's greedy prediction for t given y_<t (a no-grad pass) and E a frozen copy of the input embeddings
-        taken at the first call (the embedding matrix therefore gets no gradient from IFT)."""
-        if getattr(self, "_frozen_embed", None) is None:
-            self._frozen_embed = hf_model(self.model).get_input_embeddings().weight.detach().clone()
-        E = self._frozen_embed
+        """IFT (Hua et al. 2024) inputs: at completion position t, (1 - lam) E(y_t) + lam sg(E(ŷ_t)), where ŷ_t is
+        the model's greedy prediction for t given y_<t (a no-grad pass); elsewhere E(y_t).
+
+        [APPROX] The authors mix in the embedding of ŷ from a frozen embedding copy; we take the current
+        embedding without gradient, which is the same at the first step and keeps training inputs on the
+        embeddings that evaluation uses (with tied input/output embeddings a stale copy drifts away)."""
         T = mask.shape[1]
-        weight, bias = self.head()
-        h = self.hidden_states(input_ids, attention_mask)[:, -T - 1 : -1]
-        logits = h @ weight.T + (bias if bias is not None else 0.0)
-        pred = torch.where(mask.bool(), logits.argmax(-1), input_ids[:, -T:])
-        embeds = E[input_ids].clone()
-        embeds[:, -T:] = (1 - lam) * E[input_ids[:, -T:]] + lam * E[pred]
-        return embeds
+        embed = hf_model(self.model).get_input_embeddings()
+        with torch.no_grad():
+            weight, bias = self.head()
+            h = self.hidden_states(input_ids, attention_mask)[:, -T - 1 : -1]
+            logits = h @ weight.T + (bias if bias is not None else 0.0)
+            pred = torch.where(mask.bool(), logits.argmax(-1), input_ids[:, -T:])
+            predicted = embed(pred)
+        embeds = embed(input_ids)
+        mixed = (1 - lam) * embeds[:, -T:] + lam * predicted
+        return torch.cat([embeds[:, :-T], mixed], 1)
 
 
 def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
