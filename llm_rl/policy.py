@@ -207,15 +207,35 @@ class CausalLMPolicy:
                  max_new_tokens: int | None = None) -> tuple[dict[str, Tensor], Tensor, list[str], dict]:
         """n completions per row. seed=None decodes greedily; otherwise counter-based sampling
         with global sample ids first_sample_id, first_sample_id+1, ... (prompt-major)."""
-        model = hf_model(self.unwrap(self.module).model)
-        device = next(model.parameters()).device
+        device = next(self.module.parameters()).device
         p = {k: v.repeat_interleave(n, 0) for k, v in self.encode_rows(rows, device).items()}
+        comp, mask, texts, stats = self._generate(p, seed, first_sample_id, max_new_tokens or self.max_new_tokens)
+        return self.append_completion(p, comp, mask), mask, texts, stats
+
+    @torch.no_grad()
+    def continue_completions(self, batch: Rollout, index: list[int], cut: int, n: int, seed: int,
+                             first_sample_id: int) -> tuple[list[str], list[int]]:
+        """n sampled continuations of the samples `index` of `batch` after their first `cut` completion tokens
+        (left-padded prompt + kept prefix, the remaining token budget): whole completions and their lengths.
+        Per-step Monte Carlo values (shared/step_values.py) score them."""
+        T = batch.mask.shape[1]
+        keep = batch.inputs["input_ids"].shape[1] - T + cut
+        p = {k: batch.inputs[k][index, :keep].repeat_interleave(n, 0) for k in ("input_ids", "attention_mask")}
+        budget = max(self.max_new_tokens - cut, 1)
+        comp, mask, _, _ = self._generate(p, seed, first_sample_id, budget)
+        texts = self.tokenizer.batch_decode(torch.cat([p["input_ids"][:, keep - cut:], comp], 1), skip_special_tokens=True)
+        return texts, (mask.sum(-1) + cut).tolist()
+
+    def _generate(self, p: dict[str, Tensor], seed: int | None, first_sample_id: int, max_new_tokens: int):
+        """(completion ids padded after EOS, mask, texts, stats) of `generate` from left-padded inputs `p`."""
+        model = hf_model(self.unwrap(self.module).model)
+        device = p["input_ids"].device
         B, Lp = p["input_ids"].shape
         procs = LogitsProcessorList()
         if seed is not None:
             ids = torch.arange(first_sample_id, first_sample_id + B, device=device)
             procs.append(CounterSamplingProcessor(seed, ids, Lp, self.temperature, self.top_k, self.top_p))
-        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens or self.max_new_tokens,
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
                                    eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
                                    suppress_tokens=self.suppress_ids or None)
         was_training = model.training
@@ -239,7 +259,7 @@ class CausalLMPolicy:
             "sample_tokens": float(lengths.sum()),
             "sample_seconds": dt,
         }
-        return self.append_completion(p, comp, mask), mask, texts, stats
+        return comp, mask, texts, stats
 
     def sample(self, rows: list[dict], n: int, seed: int, first_sample_id: int, first_group_id: int) -> Rollout:
         inputs, mask, texts, stats = self.generate(rows, n, seed, first_sample_id)
@@ -268,6 +288,7 @@ class CausalLMPolicy:
         group_ids = torch.arange(first_group_id, first_group_id + len(rows)).repeat_interleave(
             torch.tensor([len(cs) for cs in completions]))
         lengths = mask.sum(-1)
+        flat_rows = [dict(r, completion_length=int(n)) for r, n in zip(flat_rows, lengths.tolist())]
         stats = {"completion_len_mean": float(lengths.float().mean()), "completion_len_max": float(lengths.max()),
                  "truncated_frac": 0.0, "sample_tokens": float(lengths.sum()), "sample_seconds": 0.0}
         return Rollout(inputs=self.append_completion(prompts, comp, mask), mask=mask, group_ids=group_ids,

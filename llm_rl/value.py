@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from shared.baselines import BASELINES, score_rows
+from shared.baselines import BASELINES, greedy_rewards
 
 
 class ValueHead(nn.Module):
@@ -143,8 +143,8 @@ def value_head_baseline(policy, task, reward_fn, cfg, accelerator, batch_size: i
     rows = task.split("val")
     if not rows:
         raise ValueError("advantage 'alol' fits its value head on the task's validation split, which is empty")
-    completions = [c for s in range(0, len(rows), batch_size) for c in policy.complete(rows[s : s + batch_size])]
-    targets = score_rows(reward_fn, completions, rows)
+    targets = torch.cat([greedy_rewards(policy, reward_fn, rows[s : s + batch_size])
+                         for s in range(0, len(rows), batch_size)])
     states, mask = prompt_states(module, policy, rows)
     a = cfg.algorithm
     head, record = fit_value_head(states, mask, targets, epochs=a.value_epochs, lr=a.value_lr, seed=cfg.seed)

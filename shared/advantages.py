@@ -11,6 +11,7 @@
 | `alol`      | max(r_i - V(x), 0), V a learned value head  | A-LoL (extra: `baseline`)        |
 | `expert_iteration` | 1 for a verified (r > threshold) completion, first of its text in its group; else 0 | EI (extra: `unique`) |
 | `raft`      | 1 for the first best-reward completion of each group, else 0 | RAFT best-of-K |
+| `per_step`  | [B, T]: V(end of a token's step) - V(end of the previous step), V_0 = group mean | per-step credit on negatives (extra: `step_values`) |
 
 The last four take per-sample extras that the rollout carries (`Rollout.extras`); an estimator
 declares them in its `needs` attribute and `compute_advantages` passes exactly those.
@@ -115,7 +116,32 @@ def raft(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
     return (pos == first[inv]).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
+def per_step(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, *, step_values: Tensor) -> Tensor:
+    """Per-token advantages [B, T] from step values (shared/step_values.py; NaN where no step ends).
+
+    V_0 = the group's mean reward; a token in step k gets V(end of step k) - V(end of step k - 1), and the
+    last step ends at the completion's last token with V = r_i. A completion with no inner step values
+    (a correct one) therefore gets r_i - V_0 on every token (Dr. GRPO); an incorrect one splits the same
+    total r_i - V_0 over its steps by how much each step changed the chance of ending correct.
+    Positions after the last value (padding) get 0.
+    """
+    mean, _, _ = group_stats(rewards, group_ids)
+    vals = step_values.to(device=rewards.device, dtype=torch.float64)
+    is_value = ~torch.isnan(vals)
+    prev, before = mean.clone(), torch.empty_like(vals)
+    for t in range(vals.shape[1]):  # value at the end of the previous step, V_0 before the first
+        before[:, t] = prev
+        prev = torch.where(is_value[:, t], vals[:, t], prev)
+    step_adv = vals - before
+    out, nxt = torch.zeros_like(vals), torch.zeros_like(mean)
+    for t in reversed(range(vals.shape[1])):  # every token takes the advantage of the step it ends in
+        nxt = torch.where(is_value[:, t], step_adv[:, t], nxt)
+        out[:, t] = nxt
+    return out.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
 remax.needs = alol.needs = ("baseline",)
+per_step.needs = ("step_values",)
 expert_iteration.needs = ("unique", "threshold")
 
 ADVANTAGES: dict[str, Callable[..., Tensor]] = {
@@ -128,6 +154,7 @@ ADVANTAGES: dict[str, Callable[..., Tensor]] = {
     "alol": alol,
     "expert_iteration": expert_iteration,
     "raft": raft,
+    "per_step": per_step,
 }
 
 

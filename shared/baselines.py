@@ -17,25 +17,28 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from shared.rollout import row_fields
+
 Baseline = Callable[[list[dict], "int | None"], Tensor]
 
 ADVANTAGE_BASELINE = {"remax": "greedy", "alol": "value_head"}
 
 
-def score_rows(reward_fn, completions: list, rows: list[dict], step: int | None = None) -> Tensor:
-    """Combined reward of one completion per row (failures score their failure value, as in the rollout)."""
-    fields = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
-    return reward_fn(completions, fields, step=step).total.float().cpu()
+def greedy_rewards(policy, reward_fn, rows: list[dict], step: int | None = None) -> Tensor:
+    """Combined reward of the policy's greedy output for each row, scored like sampled completions (with
+    their token lengths, for length-shaped rewards; failures score their failure value)."""
+    with torch.no_grad():
+        if hasattr(policy, "generate"):  # token policies: lengths from the completion mask
+            _, mask, completions, _ = policy.generate(rows, 1, seed=None)
+            rows = [dict(r, completion_length=int(n)) for r, n in zip(rows, mask.sum(-1).tolist())]
+        else:
+            completions = policy.complete(rows)
+    return reward_fn(completions, row_fields(rows), step=step).total.float().cpu()
 
 
 def greedy_baseline(policy, task, reward_fn, cfg, accelerator) -> Baseline:
     """ReMax: b(x) = r(x, greedy output of the current policy); one extra greedy decode per prompt."""
-
-    def baseline(rows: list[dict], step: int | None = None) -> Tensor:
-        with torch.no_grad():
-            return score_rows(reward_fn, policy.complete(rows), rows, step)
-
-    return baseline
+    return lambda rows, step=None: greedy_rewards(policy, reward_fn, rows, step)
 
 
 BASELINES: dict[str, Callable[..., Baseline]] = {"greedy": greedy_baseline}

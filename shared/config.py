@@ -104,7 +104,7 @@ class AlgorithmConfig(Strict):
 
     objective: str = Field("ppo_clip", description="objective name in shared.objectives.OBJECTIVES")
     advantage: Literal["grpo", "dr_grpo", "batch_std", "rloo", "per_prompt_tracker", "none", "remax", "alol",
-                       "expert_iteration", "raft"] = Field(
+                       "expert_iteration", "raft", "per_step"] = Field(
         "grpo", description="advantage estimator (table in shared/advantages.py)"
     )
     adv_eps: float = Field(1e-6, ge=0, description="added to the std in std-normalised advantages")
@@ -144,6 +144,9 @@ class AlgorithmConfig(Strict):
     value_lr: float = Field(1e-5, gt=0, description="A-LoL value head learning rate")
     ift_lambda: float = Field(0.2, ge=0, le=1, description="IFT temporal residual: weight of the predicted token")
     ift_gamma: float = Field(0.95, gt=0, le=1, description="IFT relation-propagation discount")
+    step_rollouts: int = Field(4, gt=0, description="per_step: sampled continuations per step of an incorrect answer")
+    step_delimiter: str = Field("\n", description="per_step: a step ends at a token containing this text "
+                                "('' = every token is a step)")
 
 
 class SamplerConfig(Strict):
@@ -477,6 +480,10 @@ def _check_consistency(cfg: RunConfig, source: str) -> None:
     if r.source == "offline" and r.dynamic_sampling:
         raise ConfigError(f"{source}: rollout.dynamic_sampling needs sampled groups; it cannot be used with "
                           "rollout.source='offline'")
+    if a.advantage == "per_step" and (r.source == "offline" or a.objective != "ppo_clip"):
+        raise ConfigError(f"{source}: algorithm.advantage='per_step' gives per-token advantages for sampled answers: "
+                          f"it needs rollout.source='online' and algorithm.objective='ppo_clip' "
+                          f"(got {r.source!r}, {a.objective!r})")
     if a.advantage == "remax" and r.source == "offline":
         raise ConfigError(f"{source}: algorithm.advantage='remax' compares samples with the policy's greedy output, "
                           "so it needs rollout.source='online'")

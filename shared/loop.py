@@ -40,6 +40,7 @@ from shared.offline import check_offline_rows, offline_rollout
 from shared.recipe import build_components
 from shared.rollout import Rollout, first_in_group
 from shared.sampler import build_sampler
+from shared.step_values import step_values
 from shared.tracking import RunLogger, plot_metrics
 
 
@@ -144,12 +145,16 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             keys = gather_object(keys) if acc.num_processes > 1 else keys
             adv_all = tracker(keys, all_rewards.double().cpu()).to(acc.device)
         else:  # per-sample extras (baselines, dedup flags) are gathered like the rewards
-            extras = {k: acc.gather(v.to(acc.device)) for k, v in rollout.extras.items()}
+            extras = {k: acc.gather(acc.pad_across_processes(v.to(acc.device), dim=1, pad_index=math.nan)
+                                    if v.dim() == 2 else v.to(acc.device)) for k, v in rollout.extras.items()}
             adv_all = compute_advantages(a.advantage, all_rewards.double(), all_groups, a.adv_eps,
                                          threshold=a.positive_threshold, **extras)
         adv_all = clip_advantages(adv_all, a.adv_clip).float()
         n_local = len(rollout)
         rollout.advantages = adv_all[acc.process_index * n_local : (acc.process_index + 1) * n_local]
+        if adv_all.dim() == 2:  # per-token advantages: this process's width, and per-sample means for samplers
+            rollout.advantages = rollout.advantages[:, : rollout.mask.shape[1]]
+            adv_all = adv_all.sum(-1) / (adv_all != 0).sum(-1).clamp(min=1)
         rollout.rewards = rewards
 
         # 5. updates: epochs x optimizer steps x micro-batches, gradients accumulated by hand
@@ -309,6 +314,8 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
         part.extras["unique"] = first_in_group(part.completions, part.group_ids)
         if baseline is not None:
             part.extras["baseline"] = baseline(rows, step).repeat_interleave(G)
+        if cfg.algorithm.advantage == "per_step":  # Monte Carlo values of the steps of incorrect answers
+            part.extras["step_values"] = step_values(policy, part, part.rewards, reward_fn, cfg, step)
         if not r.dynamic_sampling:
             return part, drawn, {"failures": failures, "gen_batches": 1, "kept_groups": P_local}
         informative = group_stats(part.rewards, part.group_ids)[1] > 0

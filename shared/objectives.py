@@ -66,7 +66,8 @@ def ppo_clip(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) 
     if cfg.ratio_level == "sequence":
         log_ratio = sequence_log_ratio(log_ratio, mask)
     ratio = log_ratio.exp()
-    a = adv.to(ratio.dtype).unsqueeze(-1)
+    a = adv.to(ratio.dtype)
+    a = a.unsqueeze(-1) if a.dim() == 1 else a  # [B] per sequence or [B, T] per token (advantage: per_step)
     per_step = clipped_surrogate(ratio, a, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
 
     metrics: Metrics = {}

@@ -103,7 +103,8 @@ class Rollout:
             else:  # per-sample means
                 stats[key] = sum(v * m for v, m in zip(vals, n)) / max(sum(n), 1)
         comps = {k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components}
-        extras = {k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras}
+        extras = {k: torch.cat([right(p.extras[k], T, float("nan")) if p.extras[k].dim() == 2 else p.extras[k]
+                                for p in parts]) for k in parts[0].extras}
         return Rollout(
             inputs=inputs, mask=torch.cat([right(p.mask, T) for p in parts]),
             group_ids=torch.cat([p.group_ids for p in parts]),
@@ -115,9 +116,9 @@ class Rollout:
         )
 
     def fields(self) -> dict[str, list]:
-        """Dataset columns aligned with completions, as reward functions receive them."""
-        keys = self.rows[0].keys() if self.rows else []
-        return {k: [r.get(k) for r in self.rows] for k in keys}
+        """Dataset columns aligned with completions, as reward functions receive them (without the
+        row's own offline completions and private keys such as `_where`, which are not reward inputs)."""
+        return row_fields(self.rows)
 
 
 def first_in_group(completions: list, group_ids: Tensor) -> Tensor:
@@ -131,3 +132,12 @@ def first_in_group(completions: list, group_ids: Tensor) -> Tensor:
         if key is not None:
             seen.add(key)
     return torch.tensor(flags, dtype=torch.float32)
+
+
+NOT_REWARD_INPUTS = ("completions",)  # an offline row's group: would collide with the rewards' first argument
+
+
+def row_fields(rows: list[dict]) -> dict[str, list]:
+    """Columns of `rows` as reward keyword arguments (see `Rollout.fields`)."""
+    keys = [k for k in (rows[0] if rows else {}) if k not in NOT_REWARD_INPUTS and not k.startswith("_")]
+    return {k: [r.get(k) for r in rows] for k in keys}

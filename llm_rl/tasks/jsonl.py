@@ -38,7 +38,7 @@ class JsonlTaskConfig(Strict):
     use_chat_template: bool = True
 
 
-OFFLINE_KEYS = ("completions", "rewards", "margins", "chosen", "rejected", "reward")
+OFFLINE_KEYS = ("completions", "rewards", "margins", "chosen", "rejected", "completion", "reward")
 
 
 def read_jsonl(path: str | Path, prompt_field: str, answer_field: str, completion_field: str | None = None,

@@ -140,3 +140,38 @@ def test_compute_advantages_ignores_unneeded_extras():
     torch.testing.assert_close(compute_advantages("raft", r, g, **extras), _t([1, 0, 1, 0]))
     # group estimators take no extras: dr_grpo 0.5, -0.5, 0, 0
     torch.testing.assert_close(compute_advantages("dr_grpo", r, g, **extras), _t([0.5, -0.5, 0.0, 0.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# per_step (per-step credit on incorrect answers)
+# ---------------------------------------------------------------------------------------------
+def test_per_step_hand_case():
+    from shared.advantages import per_step
+
+    nan = float("nan")
+    rewards = torch.tensor([0.0, 1.0])
+    groups = torch.tensor([0, 0])  # V_0 = mean(0, 1) = 0.5
+    values = torch.tensor([[0.5, 0.25, 0.0, nan],   # incorrect, 3 tokens, a value after each
+                           [nan, 1.0, nan, nan]])   # correct, 2 tokens: only its own reward
+    adv = per_step(rewards, groups, step_values=values)
+    # row 0: 0.5 - 0.5 = 0, 0.25 - 0.5 = -0.25, 0 - 0.25 = -0.25, padding 0; row 1: 1 - 0.5 on both tokens
+    torch.testing.assert_close(adv, torch.tensor([[0.0, -0.25, -0.25, 0.0], [0.5, 0.5, 0.0, 0.0]]))
+    # the steps of an answer add up to its outcome advantage r - V_0
+    assert float(adv[0].sum()) == -0.5
+
+
+def test_per_step_multi_token_steps_share_their_step_advantage():
+    from shared.advantages import per_step
+
+    nan = float("nan")
+    values = torch.tensor([[nan, 0.75, nan, nan, 0.0]])  # steps: tokens 0-1 (value 0.75), tokens 2-4 (reward 0)
+    adv = per_step(torch.tensor([0.0]), torch.tensor([7]), step_values=values)  # a group of one: V_0 = 0
+    torch.testing.assert_close(adv, torch.tensor([[0.75, 0.75, -0.75, -0.75, -0.75]]))
+
+
+def test_step_ends_by_delimiter_and_every_token():
+    from shared.step_values import step_ends
+
+    assert step_ends(["1", "\n", "2", "3"], 4, "\n") == [2]
+    assert step_ends(["1", "2", "3"], 3, "") == [1, 2]
+    assert step_ends(["x"], 1, "") == []
