@@ -244,7 +244,8 @@ def alol(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) -> t
 # --------------------------------------------------------------------------- supervised family
 def sft(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) -> tuple[Tensor, Metrics]:
     """Advantage-weighted NLL: l_t = -A_i log pi_theta(y_t). With `advantage: none` on demonstrations
-    (reward 1) it is SFT; with `expert_iteration` / `raft` it is the SFT step of EI / RAFT."""
+    (reward 1) it is SFT; with `expert_iteration` / `raft` it is the SFT step of EI / RAFT. Under `token_mean`
+    the sum is divided by all tokens of the step, kept or not, so a step that keeps fewer samples moves less."""
     lp = _f32(logp)
     loss = aggregate(-adv.to(lp).unsqueeze(-1) * lp, mask, cfg.loss_agg, norm)
     return loss, {"kept_frac": ((adv != 0) & (mask.sum(-1) > 0)).sum().float() / max(norm.num_seqs, 1.0)}

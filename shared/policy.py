@@ -5,12 +5,18 @@
     sample(rows, n, seed, first_sample_id, first_group_id) -> Rollout
                                              n samples per row, no grad; sample ids are global so
                                              sampling is identical for any process layout
-    log_probs(rollout, with_entropy) -> (logp [B, T], entropy [B, T] | None)
-                                             per trained step (token or denoising step), with grad
+    log_probs(rollout, with_entropy, **options) -> (logp [B, T], entropy [B, T] | None[, extras])
+                                             per trained step (token or denoising step), with grad;
+                                             `options` come from the objective's `forward_options`
+                                             (text: `vocab_kl` adds {"vocab_kl": [B, T]}, ASFT;
+                                             `residual_lambda`, IFT) and only text policies take them
     reference_log_probs(rollout) -> [B, T]   frozen reference (adapter disabled under LoRA)
     build_reference()                        snapshot the reference (no-op under LoRA)
     complete(rows) -> list                   greedy / deterministic outputs for evaluation
     demo_batch(rows) -> Rollout              teacher-forcing batch of demonstrations (SFT)
+    rollout_from(rows, completions, first_group_id) -> Rollout
+                                             teacher-forcing rollout of given completions (offline data;
+                                             token policies)
     trainable_parameters() -> list[Parameter]
     save_pretrained(path)                    model (or adapter) in the library's own format
 """

@@ -519,3 +519,18 @@ def test_ift_loss_backward_through_residual_forward(tmp_path, tok):
 def test_first_in_group():
     flags = first_in_group(["3", "3", "4", "3"], torch.tensor([0, 0, 0, 1]))
     assert flags.tolist() == [1.0, 0.0, 1.0, 1.0] and flags.dtype == torch.float32
+
+
+def test_copg_trains_on_off_policy_pairs(tmp_path):
+    """CoPG needs no importance weights, so the same objective runs on offline pairs (here the data's
+    correct / mistaken answers): at step 1 (policy = reference) its loss is the squared reward gap of
+    each pair, 1/(2-1) * (1 - 0)^2 = 1."""
+    from shared import loop
+
+    d = _dpo_dict(tmp_path)
+    d["algorithm"] = dict(d["algorithm"], objective="copg", beta=0.1)
+    loop.train(validate_config(d, "test"))
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-5)
+    assert all(math.isfinite(r["loss"]) for r in steps)
