@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from shared.aggregation import StepNorm, aggregate
-from shared.objectives import OBJECTIVES, MAX_LOG_RATIO, Metrics
+from shared.objectives import MAX_LOG_RATIO, OBJECTIVES, Metrics
 
 NFT_RHAT_RANGE = (0.02, 0.98)  # the authors' clamp of the group's correct fraction
 

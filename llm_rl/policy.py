@@ -47,7 +47,7 @@ class LMForward(nn.Module):
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
         """Last decoder hidden states [B, L, H]; position ids from the attention mask, as `generate` does."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        ids = dict(inputs_embeds=inputs_embeds) if inputs_embeds is not None else dict(input_ids=input_ids)
+        ids = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
         out = hf_model(self.model).base_model(**ids, attention_mask=attention_mask, position_ids=position_ids,
                                               use_cache=False)
         return out.last_hidden_state

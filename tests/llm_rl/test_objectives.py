@@ -12,7 +12,18 @@ import pytest
 import torch
 
 import llm_rl  # noqa: F401  (registers the text objectives)
-from llm_rl.objectives import alol, asft, copg, dft, dpo, ift, ift_weights, modpo, nft, sft
+from llm_rl.objectives import (
+    alol,
+    asft,
+    copg,
+    dft,
+    dpo,
+    ift,
+    ift_weights,
+    modpo,
+    nft,
+    sft,
+)
 from shared.advantages import dr_grpo
 from shared.aggregation import LOSS_AGG_MODES, StepNorm
 from shared.config import AlgorithmConfig
@@ -228,11 +239,11 @@ def _pref_batch(order, extra=None):
 def _hand_pref(kind, beta):
     m10, m3 = H["a"] - H["b"], H["c"] - H["d"]  # -0.8, 1.2
     if kind == "sigmoid":  # -log sigmoid(beta h) = log(1 + exp(-beta h))
-        f = lambda h: math.log(1.0 + math.exp(-beta * h))  # noqa: E731
+        f = lambda h: math.log(1.0 + math.exp(-beta * h))
     elif kind == "ipo":  # (h - 1/(2 beta))^2 ; beta 0.5: (-1.8)^2 = 3.24, (0.2)^2 = 0.04 -> mean 1.64
-        f = lambda h: (h - 1.0 / (2.0 * beta)) ** 2  # noqa: E731
+        f = lambda h: (h - 1.0 / (2.0 * beta)) ** 2
     else:  # hinge relu(1 - beta h): 1.4, 0.4 -> mean 0.9
-        f = lambda h: max(0.0, 1.0 - beta * h)  # noqa: E731
+        f = lambda h: max(0.0, 1.0 - beta * h)
     return (f(m10) + f(m3)) / 2.0
 
 
