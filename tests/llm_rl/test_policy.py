@@ -266,7 +266,9 @@ def test_demo_batch(tok):
     enc = policy.encode_prompts([row["prompt"] for row in rows], "cpu")
     assert torch.equal(r.inputs["input_ids"][:, :-T], enc["input_ids"])
     assert r.group_ids.tolist() == [0, 1, 2]
-    assert r.rows == rows
+    # the rows, plus each completion's token length (for length-shaped rewards of offline completions)
+    assert [{k: v for k, v in x.items() if k != "completion_length"} for x in r.rows] == rows
+    assert [x["completion_length"] for x in r.rows] == r.mask.sum(-1).tolist()
     with torch.no_grad():
         lp = policy.log_probs(r)[0]
         ref = _plain_log_probs(policy.module.model, r.inputs["input_ids"], r.inputs["attention_mask"], r.mask)
