@@ -152,10 +152,14 @@ class AlgorithmConfig(Strict):
 class SamplerConfig(Strict):
     """How RL prompts are drawn from the train split (shared/sampler.py)."""
 
-    name: Literal["uniform", "sec"] = Field("uniform", description="uniform epochs, or the SEC curriculum bandit")
+    name: Literal["uniform", "sec", "mixture"] = Field(
+        "uniform", description="uniform epochs, the SEC curriculum bandit, or fixed dataset mixture weights (MoDoMoDo)")
     category_field: str = Field("category", description="SEC: the row field naming each prompt's arm")
     tau: float = Field(1.0, gt=0, description="SEC: Boltzmann temperature over arm values")
     alpha: float = Field(0.5, gt=0, le=1, description="SEC: TD(0) step size")
+    source_field: str = Field("source", description="mixture: the row field naming each prompt's dataset")
+    weights: dict[str, float] = Field(default_factory=dict, description="mixture: dataset -> weight (normalised by "
+                                      "the sum; datasets not named get 0)")
 
 
 class OptimConfig(Strict):

@@ -136,4 +136,8 @@ def build_sampler(scfg, rows: list[dict], batch_size: int, seed: int):
         if missing:
             raise ValueError(f"sampler.category_field: train row {missing[0]} has no field {scfg.category_field!r}")
         return SECSampler([r[scfg.category_field] for r in rows], batch_size, seed, scfg.tau, scfg.alpha)
+    if scfg.name == "mixture":
+        from shared.mixture import mixture_sampler_from_rows
+
+        return mixture_sampler_from_rows(rows, scfg.source_field, scfg.weights, batch_size, seed)
     raise ValueError(f"sampler.name: unknown sampler {scfg.name!r}")
