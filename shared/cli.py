@@ -5,6 +5,9 @@
     rlft validate CONFIG [key=value ...]             check a config and print it resolved
     rlft sample CONFIG checkpoint=PATH|latest [ws=[0,0.5,1,1.5,2]] [w_end=W] [out=DIR]
                                                      diffusion RLG sweep: base + w (RL - base) -> grid, rewards, plot
+    rlft analyze CONFIG base=PATH|warmup tuned=PATH|latest [what=weights,tokens,tuco,diversity] [prompts=64]
+                                                     weight-space, token-JS (+ cross-sampling), TuCo and
+                                                     diversity comparison -> analysis.json + plots
 
 A bad config, a missing file or a malformed data row is one line on stderr and exit code 2.
 """
@@ -132,6 +135,45 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    """Compare a base and a tuned checkpoint (shared/analysis/report.py): weights, token JS, TuCo, diversity."""
+    overrides, special = _split_special(args.overrides, ("base", "tuned", "what", "prompts", "samples", "k", "frac", "out"))
+    cfg = load_config(args.config, overrides)
+    from shared.analysis.report import ANALYSES, run_analyses, text_analyses
+
+    if "base" not in special or "tuned" not in special:
+        raise UserError("rlft analyze: give base=PATH (or base=warmup, the run's cached warm start) and tuned=PATH "
+                        "(or tuned=latest)")
+    tuned = _weights_dir(_checkpoint_path(cfg, special["tuned"]))
+    if special["base"] == "warmup":
+        from shared.sft import cached_warmup_dir
+
+        base = cached_warmup_dir(cfg)
+        if not base.is_dir():
+            raise UserError(f"base=warmup: no cached warm start at {base} (train the config first)")
+    else:
+        base = _weights_dir(_checkpoint_path(cfg, special["base"]))
+    what = [w for w in special.get("what", ",".join(ANALYSES)).split(",") if w]
+    try:
+        prompts, samples = int(special.get("prompts", 64)), int(special.get("samples", 8))
+        k, frac = int(special.get("k", 16)), float(special.get("frac", 0.05))
+    except ValueError:
+        raise UserError("prompts, samples and k are integers, frac a number, e.g. prompts=64 k=16 frac=0.05") from None
+    if cfg.domain != "llm" and any(w != "weights" for w in what):
+        raise UserError(f"rlft analyze: only what=weights is defined for domain {cfg.domain!r}")
+    extra = text_analyses(cfg, base, tuned, prompts, samples) if any(w != "weights" for w in what) else {}
+    out = Path(special.get("out", cfg.run_dir / "analysis"))
+    result = run_analyses(what, base, tuned, out, k=k, frac=frac, extra=extra)
+    for name in what:
+        summary = result[name].get("summary", result[name])
+        flat = {f"{a}/{b}" if isinstance(v, dict) else a: (w if isinstance(v, dict) else v)
+                for a, v in summary.items() for b, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+        brief = {key: round(v, 4) for key, v in flat.items() if isinstance(v, float)}
+        print(f"{name}: {brief}")
+    print(f"analysis.json and plots in {out}/")
+    return 0
+
+
 def cmd_validate(args) -> int:
     import yaml
 
@@ -146,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, help_ in (("train", cmd_train, "run RL from a config"),
                             ("eval", cmd_eval, "evaluate a checkpoint on the held-out split"),
                             ("validate", cmd_validate, "check a config and print it resolved"),
-                            ("sample", cmd_sample, "diffusion: RL-guidance sweep between the base and a checkpoint")):
+                            ("sample", cmd_sample, "diffusion: RL-guidance sweep between the base and a checkpoint"),
+                            ("analyze", cmd_analyze, "compare a base and a tuned checkpoint: weights, token JS, TuCo, "
+                             "diversity")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
