@@ -163,6 +163,11 @@ class SamplerConfig(Strict):
 
 
 class OptimConfig(Strict):
+    name: Literal["adamw", "lift"] = Field("adamw", description="adamw, or LIFT: AdamW on the principal weights only "
+                                           "(shared/analysis/lift.py)")
+    lift_filter_rank: int = Field(32, gt=0, description="LIFT: rank of the approximation whose largest entries are trained")
+    lift_lora_rank: int = Field(128, gt=0, description="LIFT: (m + n) * lora_rank entries per matrix, LoRA's budget")
+    lift_update_interval: int = Field(200, gt=0, description="LIFT: optimizer steps between mask recomputations")
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)

@@ -49,6 +49,16 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision if not cpu else "no")
 
 
+def make_optimizer(params, o):
+    """AdamW, or LIFT's AdamW on the principal weights of each matrix (`optim.name: lift`)."""
+    adamw = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
+    if o.name == "lift":
+        from shared.analysis.lift import LIFTAdamW
+
+        return LIFTAdamW(params, o.lift_filter_rank, o.lift_lora_rank, o.lift_update_interval, **adamw)
+    return torch.optim.AdamW(params, **adamw)
+
+
 def global_step_norm(masks: list[torch.Tensor], norm_len: float, accelerator: Accelerator) -> StepNorm:
     """Token and sequence counts of one optimizer step over all its micro-batches and processes."""
     local = torch.tensor([sum(float(m.sum()) for m in masks), sum(float((m.sum(-1) > 0).sum()) for m in masks)],
@@ -82,8 +92,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     tracker = (PerPromptTracker(a.tracker_buffer, a.tracker_min_count, a.adv_eps)
                if a.advantage == "per_prompt_tracker" else None)
 
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(policy.trainable_parameters(), cfg.optim)
     total_opt_steps = t.steps * steps_per_rollout * a.epochs
     scheduler = get_scheduler(
         {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.optim.schedule],

@@ -172,3 +172,24 @@ class MaskedAdamW(torch.optim.Optimizer):
                 else:  # explicit zero outside M (0/0 would be NaN there when eps = 0)
                     p.add_(torch.where(mask, m / denom, torch.zeros_like(m)), alpha=-lr / bias_correction1)
         return loss
+
+
+class LIFTAdamW(MaskedAdamW):
+    """The LIFT optimizer of a recipe (`optim.name: lift`): MaskedAdamW whose masks are the principal
+    weights of every 2-D trainable parameter (`lift_mask`), recomputed every `update_interval` optimizer
+    steps (the authors: 200). Other parameters (norms, biases) train densely. After a resume the masks
+    are recomputed from the loaded weights."""
+
+    def __init__(self, params, filter_rank: int, lora_rank: int, update_interval: int, **adamw):
+        super().__init__(params, **adamw)
+        self.filter_rank, self.lora_rank, self.update_interval = filter_rank, lora_rank, update_interval
+        self.steps_taken = 0
+        self.set_masks({p: lift_mask(p.detach(), filter_rank, lora_rank) for p in self._params() if p.dim() == 2})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = super().step(closure)
+        self.steps_taken += 1
+        if self.steps_taken % self.update_interval == 0:
+            self.refresh(self.filter_rank, self.lora_rank)
+        return loss

@@ -336,3 +336,39 @@ def test_set_masks_rejects_bad_masks():
         opt.set_masks({w: torch.ones(2, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="not in this optimizer"):
         opt.set_masks({torch.nn.Parameter(torch.zeros(3, 2)): torch.ones(3, 2, dtype=torch.bool)})
+
+
+def test_lift_optimizer_in_a_recipe_trains_only_principal_weights(tmp_path):
+    """`optim.name: lift` in a run: 2-D weights change only inside their LIFT mask, 1-D ones densely."""
+    from shared.analysis.lift import lift_mask
+    from shared.config import validate_config
+    from shared.loop import train
+    from tests.helpers.tiny import tiny_config_dict
+
+    import shared.loop as loop
+
+    seen = {}
+    real = loop.make_optimizer
+
+    def spy(params, o):
+        params = list(params)
+        seen["before"] = [p.detach().clone() for p in params]
+        seen["masks"] = [lift_mask(p.detach(), o.lift_filter_rank, o.lift_lora_rank) if p.dim() == 2 else None
+                         for p in params]
+        seen["params"] = params
+        return real(params, o)
+
+    loop.make_optimizer = spy
+    try:
+        train(validate_config(tiny_config_dict(tmp_path, optim={"name": "lift", "lift_filter_rank": 4, "lift_lora_rank": 1,
+                                                                "lift_update_interval": 1000, "weight_decay": 0.0},
+                                               train={"steps": 2}), "test"))
+    finally:
+        loop.make_optimizer = real
+    changed_2d = 0
+    for before, mask, p in zip(seen["before"], seen["masks"], seen["params"]):
+        moved = p.detach() != before
+        if mask is not None:
+            assert not bool((moved & ~mask).any()), "an entry outside the LIFT mask changed"
+            changed_2d += int(moved.any())
+    assert changed_2d > 0
