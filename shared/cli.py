@@ -5,6 +5,8 @@
     rlft validate CONFIG [key=value ...]             check a config and print it resolved
     rlft sample CONFIG checkpoint=PATH|latest [ws=[0,0.5,1,1.5,2]] [w_end=W] [out=DIR]
                                                      diffusion RLG sweep: base + w (RL - base) -> grid, rewards, plot
+    rlft mixture CONFIG [pilots=N] [out=DIR]         MoDoMoDo over the datasets named in sampler.weights:
+                                                     pilot runs, quadratic surrogate, run at its optimum
     rlft analyze CONFIG base=PATH|warmup tuned=PATH|latest [what=weights,tokens,tuco,diversity] [prompts=64]
                                                      weight-space, token-JS (+ cross-sampling), TuCo and
                                                      diversity comparison -> analysis.json + plots
@@ -174,6 +176,29 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_mixture(args) -> int:
+    """MoDoMoDo: pilot runs at sampled weights over the datasets named in sampler.weights, surrogate, best run."""
+    overrides, special = _split_special(args.overrides, ("pilots", "out"))
+    cfg = load_config(args.config, overrides)
+    datasets = list(cfg.sampler.weights)
+    try:
+        n_pilots = int(special.get("pilots", max(4, len(datasets) * (len(datasets) + 1) // 2 + 1)))
+    except ValueError:
+        raise UserError(f"pilots={special['pilots']!r}: expected an integer") from None
+    from shared.loop import train
+    from shared.mixture import mixture_search
+
+    def load(suffix: str, weights: dict[str, float]):
+        flow = "{" + ", ".join(f"{d}: {w!r}" for d, w in weights.items()) + "}"
+        return load_config(args.config, overrides + ["sampler.name=mixture", f"sampler.weights={flow}",
+                                                     f"name={cfg.name}_{suffix}"])
+
+    out = Path(special.get("out", cfg.run_dir.parent / f"{cfg.name}_mixture"))
+    record = mixture_search(load, datasets, n_pilots, cfg.seed, train, out)
+    print((out / "mixture.md").read_text(), end="")
+    return 0 if record else 1
+
+
 def cmd_validate(args) -> int:
     import yaml
 
@@ -189,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("eval", cmd_eval, "evaluate a checkpoint on the held-out split"),
                             ("validate", cmd_validate, "check a config and print it resolved"),
                             ("sample", cmd_sample, "diffusion: RL-guidance sweep between the base and a checkpoint"),
+                            ("mixture", cmd_mixture, "MoDoMoDo: pilot runs over dataset mixtures, surrogate fit, "
+                             "best predicted mixture"),
                             ("analyze", cmd_analyze, "compare a base and a tuned checkpoint: weights, token JS, TuCo, "
                              "diversity")):
         p = sub.add_parser(name, help=help_)

@@ -192,6 +192,8 @@ class RewardSpec(Strict):
                             "e.g. MSRL's stage 2); before it the reward is still scored and logged, with weight 0. "
                             "Held-out evaluation always uses the full weights")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of the reward factory")
+    sources: list[str] | None = Field(None, description="score only rows of these datasets (the row field "
+                                      "sampler.source_field); other rows get 0 from this reward")
 
 
 class EvalConfig(Strict):

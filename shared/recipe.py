@@ -51,7 +51,7 @@ def checkpoint_replaces_warmup(cfg) -> bool:
 def combined_reward(cfg) -> CombinedReward:
     """The config's reward components, or a one-line ConfigError."""
     try:
-        reward = CombinedReward.from_specs(cfg.rewards)
+        reward = CombinedReward.from_specs(cfg.rewards, source_field=cfg.sampler.source_field)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not reward.components:

@@ -58,6 +58,7 @@ class _Component:
     weight: float
     failure_value: float
     start_step: int = 0
+    sources: tuple[str, ...] | None = None  # score only rows of these datasets (others get 0)
 
 
 @dataclass
@@ -66,9 +67,11 @@ class CombinedReward:
 
     components: list[_Component]
     failure_totals: Counter = field(default_factory=Counter)
+    source_field: str = "source"  # the row field naming each row's dataset, for components with `sources`
 
     @classmethod
-    def from_specs(cls, specs: Sequence[Any], registry: dict[str, Callable[..., RewardFn]] | None = None):
+    def from_specs(cls, specs: Sequence[Any], registry: dict[str, Callable[..., RewardFn]] | None = None,
+                   source_field: str = "source"):
         registry = REWARDS if registry is None else registry
         comps = []
         for i, s in enumerate(specs):
@@ -82,10 +85,11 @@ class CombinedReward:
                 fn = registry[s.name](**s.kwargs)
             except TypeError as e:
                 raise ValueError(f"rewards[{i}] ({s.name}): bad kwargs {s.kwargs}: {e}") from None
-            comps.append(_Component(s.name, fn, float(s.weight), float(s.failure_value), int(s.start_step)))
+            sources = tuple(s.sources) if getattr(s, "sources", None) is not None else None
+            comps.append(_Component(s.name, fn, float(s.weight), float(s.failure_value), int(s.start_step), sources))
         if len({c.name for c in comps}) != len(comps):
             raise ValueError("rewards: each reward name may appear once")
-        return cls(comps)
+        return cls(comps, source_field=source_field)
 
     def weights(self, step: int | None = None) -> dict[str, float]:
         """Each component's weight at RL step `step` (0 before its start_step); None: the full weights."""
@@ -98,7 +102,15 @@ class CombinedReward:
         out: dict[str, Tensor] = {}
         fails: dict[str, int] = {}
         for c in self.components:
-            scores, failed = score_isolated(c.fn, completions, fields, c.failure_value, c.name)
+            if c.sources is None:
+                scores, failed = score_isolated(c.fn, completions, fields, c.failure_value, c.name)
+            else:  # a dataset's own reward (MoDoMoDo): rows of other datasets score 0 and are not failures
+                mine = [i for i, s in enumerate(reward_field(fields, self.source_field, n, c.name)) if s in c.sources]
+                part, failed = ([], 0) if not mine else score_isolated(c.fn, [completions[i] for i in mine],
+                                              {k: [v[i] for i in mine] for k, v in fields.items()}, c.failure_value, c.name)
+                scores = [0.0] * n
+                for i, v in zip(mine, part):
+                    scores[i] = v
             out[c.name] = torch.tensor(scores, dtype=torch.float32)
             fails[c.name] = failed
             self.failure_totals[c.name] += failed

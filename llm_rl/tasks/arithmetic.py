@@ -84,6 +84,9 @@ def _carries(a: int, b: int) -> int:
     return n
 
 
+OP_SOURCE = {"+": "add", "-": "sub", "*": "mul"}  # each operator is a dataset (mixture sampling, per-dataset rewards)
+
+
 def _solve(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
@@ -155,7 +158,8 @@ class ArithmeticTask:
                 seen.add((a, op, b))
                 ans = str(_solve(a, op, b))
                 rows.append({"prompt": f"{a}{op}{b}=", "answer": ans, "completion": ans,
-                             "category": f"carries={_carries(a, b)}" if op == "+" else f"op={op}"})
+                             "category": f"carries={_carries(a, b)}" if op == "+" else f"op={op}",
+                             "source": OP_SOURCE[op]})
                 if name == "train" and cfg.offline != "none":
                     rows[-1] |= offline_fields(cfg, a, op, b, offline_rng)
             self._splits[name] = rows
