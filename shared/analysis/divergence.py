@@ -57,13 +57,13 @@ def js_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     return (0.5 * kl_to_m(logp) + 0.5 * kl_to_m(logq)).clamp(min=0.0)
 
 
-def _hf(model: nn.Module) -> nn.Module:
+def hf_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (adapters stay active)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @contextlib.contextmanager
-def _eval_mode(*models: nn.Module):
+def eval_mode(*models: nn.Module):
     """Eval mode (no dropout) for the duration, restoring each model's previous mode."""
     modes = [m.training for m in models]
     for m in models:
@@ -78,13 +78,13 @@ def _eval_mode(*models: nn.Module):
 def _last_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Final (normed) decoder hidden states [B, L, H], position ids from the attention mask."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = _hf(model).base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    out = hf_model(model).base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=False)
     return out.last_hidden_state
 
 
 def _head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    head = _hf(model).get_output_embeddings()
+    head = hf_model(model).get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
 
@@ -98,7 +98,7 @@ def token_js(model_a: nn.Module, model_b: nn.Module, input_ids: Tensor, attentio
     """
     T = mask.shape[1]
     sel = mask.bool()
-    with _eval_mode(model_a, model_b):
+    with eval_mode(model_a, model_b):
         h_a = _last_hidden(model_a, input_ids, attention_mask)[:, -T - 1 : -1][sel]
         h_b = _last_hidden(model_b, input_ids, attention_mask)[:, -T - 1 : -1][sel]
     head_a, head_b = _head(model_a), _head(model_b)
@@ -211,7 +211,7 @@ def cross_sample(model_a: nn.Module, model_b: nn.Module, tokenizer, prompt_ids: 
     switch = _switch_mask(switch_positions, B, max_new_tokens, prompt_ids.device)
     ids, attn = prompt_ids, prompt_mask.long()
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    with _eval_mode(model_a, model_b):
+    with eval_mode(model_a, model_b):
         for t in range(max_new_tokens):
             nxt = _next_token_logits(model_a, ids, attn).argmax(-1)
             use_b = switch[:, t] & ~done

@@ -94,7 +94,12 @@ def text_analyses(cfg, base: Path, tuned: Path, n_prompts: int, samples: int, to
 
     from llm_rl.policy import CausalLMPolicy
     from llm_rl.recipe import make_task
-    from shared.analysis.divergence import cross_sample, js_profile, token_js, top_js_positions
+    from shared.analysis.divergence import (
+        cross_sample,
+        js_profile,
+        token_js,
+        top_js_positions,
+    )
     from shared.analysis.diversity import diversity_report
     from shared.analysis.tuco import tuco_batch
 
@@ -114,7 +119,7 @@ def text_analyses(cfg, base: Path, tuned: Path, n_prompts: int, samples: int, to
         switch = top_js_positions(js, mask, top_frac)
         crossed = cross_sample(models["base"], models["tuned"], tok, prompt["input_ids"], prompt["attention_mask"],
                                switch, r.max_new_tokens, eos_ids=policies["tuned"].eos_ids, pad_id=policies["tuned"].pad_id)
-        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+        mean = lambda xs: sum(xs) / max(len(xs), 1)
         result = js_profile(js, mask, top_frac=top_frac) | {
             "score_base": mean(task.score(policies["base"].complete(rows), rows)),
             "score_tuned": mean(task.score(texts, rows)),

@@ -29,8 +29,6 @@ single and unpadded: positions 0..L−1.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
 from transformers.masking_utils import (
@@ -38,23 +36,12 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 
+from shared.analysis.divergence import eval_mode, hf_model
+
 
 def _decoder(model: nn.Module) -> nn.Module:
     """The decoder stack (Qwen2Model) of a causal LM, through a peft wrapper if there is one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module):
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
+    return hf_model(model).base_model
 
 
 def _layer_kwargs(decoder: nn.Module, x: Tensor, position_ids: Tensor) -> list[dict]:
@@ -84,7 +71,7 @@ def decompose(base: nn.Module, tuned: nn.Module, input_ids: Tensor) -> dict:
         raise ValueError(f"tuco: base and fine-tuned models differ in architecture ({len(dec_pt.layers)} vs "
                          f"{len(dec_ft.layers)} layers, hidden {dec_pt.config.hidden_size} vs "
                          f"{dec_ft.config.hidden_size}); TuCo compares two checkpoints of one architecture")
-    with _eval_mode(base, tuned):
+    with eval_mode(base, tuned):
         x = dec_ft.embed_tokens(input_ids.to(dec_ft.embed_tokens.weight.device))  # x_0
         position_ids = torch.arange(x.shape[1], device=x.device)[None]
         kw_ft, kw_pt = _layer_kwargs(dec_ft, x, position_ids), _layer_kwargs(dec_pt, x, position_ids)
