@@ -229,4 +229,4 @@ def test_offline_none_is_the_default():
     for split in ("train", "eval", "val", "sft"):
         assert none.split(split) == plain.split(split)
     assert not any(OFFLINE_KEYS & r.keys() for r in none.split("train"))
-    assert set(plain.split("train")[0]) == {"prompt", "answer", "completion", "category"}
+    assert set(plain.split("train")[0]) == {"prompt", "answer", "completion", "category", "source"}
