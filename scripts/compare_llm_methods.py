@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (method, recipe stem, what it trains on)
 METHODS = [
     ("GRPO", "arithmetic_grpo", "online, verifier"),
+    ("GRPO + SEC curriculum", "arithmetic_sec", "online, verifier; prompts by a bandit over carry counts"),
     ("Dr. GRPO", "arithmetic_dr_grpo", "online, verifier"),
     ("DAPO", "arithmetic_dapo", "online, verifier"),
     ("RLOO", "arithmetic_rloo", "online, verifier"),

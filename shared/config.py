@@ -90,6 +90,12 @@ class RolloutConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     backend: Literal["hf"] = Field("hf", description="generation backend")
+    target_entropy: float | None = Field(
+        None, gt=0, description="AceReason: before RL, set the temperature to the candidate whose mean token entropy "
+        "on a probe batch of train prompts is closest to this (paper: 0.3); null keeps `temperature`")
+    temperature_candidates: list[float] = Field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2, 1.4],
+                                                description="AceReason: temperatures the probe tries")
+    probe_prompts: int = Field(32, gt=0, description="AceReason: train prompts in the probe batch")
     source: Literal["online", "offline"] = Field(
         "online", description="online: sample completions; offline: train on the completions the train rows carry "
         "(preference pairs, demonstrations, scored outputs: formats in shared/offline.py)")

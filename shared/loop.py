@@ -41,6 +41,7 @@ from shared.recipe import build_components
 from shared.rollout import Rollout, first_in_group
 from shared.sampler import build_sampler
 from shared.step_values import step_values
+from shared.temperature import choose_temperature
 from shared.tracking import RunLogger, plot_metrics
 
 
@@ -79,12 +80,16 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     comps = build_components(cfg, acc)  # policy (warm-started if configured), task, reward
     t_rl = time.time()
     policy, task, reward_fn = comps.policy, comps.task, comps.reward
+    train_rows = task.split("train")
+    if r.target_entropy is not None:  # AceReason: before the reference copies the module's temperature
+        comps.info["temperature"] = choose_temperature(policy, train_rows[: r.probe_prompts], r.target_entropy,
+                                                       r.temperature_candidates, seed=cfg.seed)
+        acc.print(f"temperature {comps.info['temperature']['temperature']} (probe: {comps.info['temperature']['probe']})")
     objective = OBJECTIVES[a.objective]
     use_ref = a.beta > 0 or getattr(objective, "uses_reference", False)
     if use_ref:
         policy.build_reference()
     forward_options = getattr(objective, "forward_options", lambda _: {})(a)
-    train_rows = task.split("train")
     if r.source == "offline":
         check_offline_rows(train_rows, r.samples_per_prompt)
     baseline = build_baseline(a.advantage, policy, task, reward_fn, cfg, acc)  # ReMax / A-LoL: b(x) per prompt
@@ -270,6 +275,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         "steps": t.steps,
         "eval_examples": after.get("n"),
         "warmup": comps.info.get("warmup"),
+        "temperature": comps.info.get("temperature"),
         "run_dir": str(run_dir),
     }
     if acc.is_main_process:
