@@ -147,6 +147,8 @@ How to read it:
   from it. *KL to start* is E[log pi(y|x) - log pi_0(y|x)] over 4 answers sampled at temperature 1 for
   each of 200 held-out prompts. *Train reward* is the sampled answers' mean reward (exact match; DAPO
   adds its overlong penalty, NFT and DAPO keep only groups with mixed outcomes, so theirs start higher).
+- SEC draws prompts by carry count, favouring the counts whose samples have large |advantage| (mixed
+  outcomes), so its training reward differs from GRPO's; its held-out gain equals uniform GRPO's here.
 - The online methods see only the verifier. DFT, ASFT and IFT train on 3200 fresh correct
   demonstrations, more supervision than the 1000 of the warm-up, which is why they gain most per second.
 - The preference methods (DPO, IPO, MODPO) learn from synthetic mistakes (a dropped carry, a one-digit
