@@ -132,15 +132,14 @@ def copg(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) -> t
     diff = r_beta.unsqueeze(1) - r_beta.unsqueeze(0)
     same = (inv.unsqueeze(0) == inv.unsqueeze(1)) & torch.ones_like(diff, dtype=torch.bool).triu(1)
     same = same & active.unsqueeze(0) & active.unsqueeze(1)
-    k = h.new_zeros(n).index_add(0, inv, active.to(h.dtype))[inv]  # samples per group
     pair = torch.where(same, diff.square(), 0.0)
     per_group = h.new_zeros(n).index_add(0, inv, pair.sum(1))
-    size = h.new_zeros(n).index_add(0, inv, active.to(h.dtype))
+    size = h.new_zeros(n).index_add(0, inv, active.to(h.dtype))  # trained samples per group (k)
     loss = (per_group / (size - 1).clamp(min=1)).sum() / _step_groups(norm, inv, active)
     with torch.no_grad():
         metrics = {"copg_reg_reward": (r_beta * active).sum() / max(norm.num_seqs, 1.0),
                    "kl_ref": aggregate(_f32(logp - ref_logp).detach(), mask, "token_mean", norm),
-                   "copg_group_size": (k * active).sum() / max(norm.num_seqs, 1.0)}
+                   "copg_group_size": (size[inv] * active).sum() / max(norm.num_seqs, 1.0)}
     return loss, metrics
 
 

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from transformers import get_scheduler
 
-from shared.advantages import PerPromptTracker, clip_advantages, compute_advantages, group_stats, zero_std_group_fraction
+from shared.advantages import ADVANTAGES, PerPromptTracker, clip_advantages, compute_advantages, group_stats, zero_std_group_fraction
 from shared.aggregation import StepNorm
 from shared.baselines import build_baseline
 from shared.checkpoint import latest_checkpoint, load_hf_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
@@ -326,7 +326,8 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
             res = reward_fn(part.completions, part.fields(), step=step)
             part.rewards, part.components = res.total, res.components
             failures.update(res.failures)
-        part.extras["unique"] = first_in_group(part.completions, part.group_ids)
+        if "unique" in getattr(ADVANTAGES.get(cfg.algorithm.advantage), "needs", ()):  # expert iteration's dedup
+            part.extras["unique"] = first_in_group(part.completions, part.group_ids)
         if baseline is not None:
             part.extras["baseline"] = baseline(rows, step).repeat_interleave(G)
         if cfg.algorithm.advantage == "per_step":  # Monte Carlo values of the steps of incorrect answers
