@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/bench_logprobs.py
 	$(PY) benchmarks/bench_diffusion.py
 	$(PY) benchmarks/bench_sandbox.py
+	$(PY) benchmarks/bench_packing.py
 
 clean:
 	rm -rf runs/.cache

@@ -21,6 +21,7 @@ from diffusion_rl.policy import DiffusionPolicy
 from diffusion_rl.pretrain import pretrain, pretrain_dir, save_pipeline
 from diffusion_rl.tasks.common import PromptFileConfig, prompt_file_task
 from diffusion_rl.tasks.shapes import ShapePromptsConfig, ShapePromptsTask
+from shared.attention import check_attention, set_unet_attention
 from shared.config import ConfigError, RunConfig
 from shared.recipe import DTYPES, Components, combined_reward
 
@@ -108,9 +109,11 @@ def make_policy(pipe, unet, cfg: RunConfig) -> DiffusionPolicy:
 
 def build(cfg: RunConfig, accelerator) -> Components:
     task = make_task(cfg)
+    check_attention(cfg)  # before any loading or pre-training
     pipe, info = load_pipeline(cfg, task, accelerator)
     pipe.to(accelerator.device)
     unet = pipe.unet
+    set_unet_attention(unet, cfg.model.attention)
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.model.lora is not None:

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llm_rl.policy import CausalLMPolicy
 from llm_rl.tasks.arithmetic import ArithmeticTask, ArithmeticTaskConfig, build_model, build_tokenizer
 from llm_rl.tasks.jsonl import JsonlTask, JsonlTaskConfig
+from shared.attention import check_attention
 from shared.config import ConfigError, RunConfig
 from shared.recipe import DTYPES, Components, combined_reward, enable_activation_checkpointing, warm_start
 
@@ -23,6 +24,7 @@ def make_task(cfg: RunConfig):
 def load_model(cfg: RunConfig):
     """(model, tokenizer): the task's embedded tiny model, or a checkpoint by local path / hub id."""
     m = cfg.model
+    check_attention(cfg)
     if m.name_or_path == "embedded":
         tcfg = cfg.task_config()
         if not isinstance(tcfg, ArithmeticTaskConfig):
@@ -53,6 +55,7 @@ def make_policy(model, tok, cfg: RunConfig) -> CausalLMPolicy:
         model, tok, temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
         max_new_tokens=cfg.rollout.max_new_tokens, chunk_size=cfg.model.logprob_chunk_size,
         use_chat_template=getattr(tcfg, "use_chat_template", False), system_prompt=getattr(tcfg, "system_prompt", None),
+        packed_sequences=cfg.train.packed_sequences, logprob_backend=cfg.model.logprob_backend,
     )
 
 

@@ -56,7 +56,8 @@ class VLMPolicy(CausalLMPolicy):
     def __init__(self, model: nn.Module, processor, min_pixels: int = 3136, max_pixels: int = 401408,
                  max_prompt_length: int = 2048, **kw):
         super().__init__(model, processor.tokenizer, **kw)
-        self.module = VLMForward(model, self.temperature, self.module.chunk_size)
+        self.module = VLMForward(model, self.temperature, self.module.chunk_size,
+                                 logprob_backend=self.module.logprob_backend)
         self.processor = processor
         self.min_pixels, self.max_pixels, self.max_prompt_length = min_pixels, max_pixels, max_prompt_length
         self.processor_calls = 0  # prompts encoded so far (tests check one call per prompt, not per sample)

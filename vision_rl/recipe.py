@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import llm_rl.rewards  # noqa: F401  (registers the text rewards used by vision recipes: format, ...)
 import vision_rl.charts.rewards  # noqa: F401  (registers chart_exec / chart_text / chart_visual)
 import vision_rl.rewards  # noqa: F401  (registers detection / grounding / classification rewards)
+from shared.attention import check_attention
 from shared.config import ConfigError, RunConfig
 from shared.recipe import DTYPES, Components, combined_reward, enable_activation_checkpointing, warm_start
 from vision_rl.coords import BoxCoder, convention_for
@@ -27,6 +28,7 @@ from vision_rl.tasks.shapes import ShapesTask, ShapesTaskConfig
 def load_model(cfg: RunConfig):
     """(model, processor): the embedded tiny VLM, or a checkpoint by local path / hub id."""
     m, t = cfg.model, cfg.task_config()
+    check_attention(cfg)
     if m.name_or_path == "embedded":
         if not isinstance(t, EmbeddedVLMConfig):
             raise ConfigError(f"model.name_or_path: 'embedded' is only defined for the synthetic tasks (shapes, charts), "
@@ -82,7 +84,8 @@ def make_policy(model, processor, cfg: RunConfig) -> VLMPolicy:
     t, r = cfg.task_config(), cfg.rollout
     return VLMPolicy(model, processor, min_pixels=t.min_pixels, max_pixels=t.max_pixels,
                      max_prompt_length=t.max_prompt_length, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                     max_new_tokens=r.max_new_tokens, chunk_size=cfg.model.logprob_chunk_size)
+                     max_new_tokens=r.max_new_tokens, chunk_size=cfg.model.logprob_chunk_size,
+                     logprob_backend=cfg.model.logprob_backend)
 
 
 def apply_lora(model, cfg: RunConfig):

@@ -195,3 +195,93 @@ def test_reference_log_probs_hand_values():
     torch.testing.assert_close(lp, expected)
     lp_t = reference_log_probs(logits, torch.tensor([1, 0]), temperature=0.5)
     torch.testing.assert_close(lp_t[1], 4.0 - torch.logsumexp(torch.tensor([4.0, 0.0]), 0))
+
+
+def test_gradient_when_only_bias_requires_grad():
+    hidden, weight, bias, targets = _data(bias=True, seed=11)
+    b = bias.clone().requires_grad_(True)
+    selective_log_probs(hidden, weight, targets, 0.7, b, chunk_size=3)[0].sum().backward()
+    b_ref = bias.clone().requires_grad_(True)
+    _reference(hidden, weight, b_ref, targets, 0.7).sum().backward()
+    torch.testing.assert_close(b.grad, b_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_using_entropy_backpropagates_through_logp_only():
+    hidden, weight, _, targets = _data(seed=12)
+    h = hidden.clone().requires_grad_(True)
+    lp, ent = selective_log_probs(h, weight, targets, 0.7, chunk_size=4, with_entropy=True)
+    (lp + 0.1 * ent).sum().backward()
+    h_ref = hidden.clone().requires_grad_(True)
+    _reference(h_ref, weight, None, targets, 0.7).sum().backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_large_logits_stay_finite_and_exact():
+    # Logits of magnitude ~100: the max-shifted logsumexp and entropy keep full precision.
+    hidden, weight, bias, targets = _data(torch.float64, bias=True, seed=13)
+    hidden = hidden * 30
+    lp, ent = selective_log_probs(hidden.float(), weight.float(), targets, 0.7, bias.float(), 4, with_entropy=True)
+    z = torch.log_softmax((hidden @ weight.T + bias) / 0.7, -1)
+    torch.testing.assert_close(lp.double(), z.gather(-1, targets[:, None]).squeeze(-1), atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), -(z.exp() * z).sum(-1), atol=2e-4, rtol=1e-4)
+
+
+def test_backend_chunked_and_auto_on_cpu_agree_with_default():
+    hidden, weight, bias, targets = _data(bias=True, seed=14)
+    default = selective_log_probs(hidden, weight, targets, 0.7, bias, 3, True)
+    for backend in ("chunked", "auto"):
+        lp, ent = selective_log_probs(hidden, weight, targets, 0.7, bias, 3, True, backend=backend)
+        torch.testing.assert_close(lp, default[0], atol=0, rtol=0)
+        torch.testing.assert_close(ent, default[1], atol=0, rtol=0)
+
+
+def test_unknown_backend_and_bad_chunk_size_raise():
+    hidden, weight, _, targets = _data()
+    with pytest.raises(ValueError, match="backend"):
+        selective_log_probs(hidden, weight, targets, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_size"):
+        selective_log_probs(hidden, weight, targets, chunk_size=0, backend="chunked")
+
+
+def test_triton_backend_unusable_raises_one_line_value_error(monkeypatch):
+    import shared.logprobs as lp_mod
+
+    hidden, weight, _, targets = _data()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton'") as err:  # CPU tensors, no interpreter
+        selective_log_probs(hidden, weight, targets, backend="triton")
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(lp_mod, "_triton_importable", lambda: False)  # as if triton were not installed
+    with pytest.raises(ValueError, match="backend='triton'.*triton") as err:
+        selective_log_probs(hidden, weight, targets, backend="triton")
+    assert "\n" not in str(err.value)
+
+
+def test_importing_logprobs_does_not_import_triton():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, shared.logprobs; assert 'triton' not in sys.modules, 'triton imported'"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_auto_backend_picks_triton_only_for_cuda_tensors_when_importable(monkeypatch):
+    from types import SimpleNamespace
+
+    import shared.logprobs as lp_mod
+
+    cuda = SimpleNamespace(is_cuda=True, device="cuda:0")
+    cpu = SimpleNamespace(is_cuda=False, device="cpu")
+    monkeypatch.setattr(lp_mod, "_triton_importable", lambda: True)
+    assert lp_mod.resolve_backend("auto", cuda) == "triton"
+    assert lp_mod.resolve_backend("auto", cpu) == "chunked"
+    assert lp_mod.resolve_backend("chunked", cuda) == "chunked"
+    assert lp_mod.resolve_backend("triton", cuda) == "triton"
+    monkeypatch.setattr(lp_mod, "_triton_importable", lambda: False)
+    assert lp_mod.resolve_backend("auto", cuda) == "chunked"
+    with pytest.raises(ValueError, match="backend='triton'"):
+        lp_mod.resolve_backend("triton", cuda)
