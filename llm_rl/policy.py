@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, LogitsProcessorList
 
+from llm_rl.packing import pack, pack_values, packed_attention_mask, unpack
 from shared.logprobs import selective_log_probs
 from shared.rollout import Rollout
 from shared.sampling import CounterSamplingProcessor
@@ -33,24 +34,52 @@ class LMForward(nn.Module):
 
     Subclasses for other input kinds (images) override `hidden_states`.
 
+    `packed` (config train.packed_sequences) runs the decoder on the real tokens only, packed into one
+    row (llm_rl/packing.py), and puts the hidden states back on the padded grid: same results, no
+    compute spent on padding. Text-only: a subclass that overrides `hidden_states` cannot pack.
+
     This module, not the bare HF model, is what `accelerate.prepare` wraps, so DDP/FSDP see the
     real forward pass.
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, chunk_size: int = 1024, packed: bool = False,
+                 logprob_backend: str = "chunked"):
         super().__init__()
+        if packed and type(self).hidden_states is not LMForward.hidden_states:
+            raise ValueError(f"train.packed_sequences: packing applies to the text-only LMForward; "
+                             f"{type(self).__name__} has its own inputs (images, M-RoPE positions) and does not pack")
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.logprob_backend = logprob_backend  # shared.logprobs backend: chunked | triton | auto
+        self.packed = packed
         self.suppress_ids: list[int] = []  # tokens generation never emits: their probability is 0 here too
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
-        """Last decoder hidden states [B, L, H]; position ids from the attention mask, as `generate` does."""
+        """Last decoder hidden states [B, L, H]; position ids from the attention mask, as `generate` does.
+        Packed: zeros at padding positions (the padded forward leaves unused values there)."""
+        if self.packed:
+            packed = pack(input_ids, attention_mask)
+            if packed.num_tokens:  # an all-padding batch has nothing to pack: the padded forward handles it
+                return self._packed_hidden_states(packed, inputs_embeds)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         ids = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
         out = hf_model(self.model).base_model(**ids, attention_mask=attention_mask, position_ids=position_ids,
                                               use_cache=False)
         return out.last_hidden_state
+
+    def _packed_hidden_states(self, packed, inputs_embeds: Tensor | None) -> Tensor:
+        """The decoder on the packed row [1, N], its hidden states scattered back to [B, L, H]."""
+        model = hf_model(self.model)
+        if inputs_embeds is not None:
+            ids = {"inputs_embeds": pack_values(packed, inputs_embeds)}
+            dtype = inputs_embeds.dtype
+        else:
+            ids = {"input_ids": packed.input_ids}
+            dtype = model.get_input_embeddings().weight.dtype
+        mask = packed_attention_mask(packed, model.config, dtype)
+        out = model.base_model(**ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False)
+        return unpack(packed, out.last_hidden_state)
 
     def head(self) -> tuple[Tensor, Tensor | None]:
         """LM-head weight and bias of the sampling distribution (suppressed tokens get -1e9, as in `generate`)."""
@@ -70,7 +99,7 @@ class LMForward(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, **extra, **({"inputs_embeds": embeds} if embeds is not None else {}))
         weight, bias = self.head()
         logp, entropy = completion_log_probs(hidden, input_ids, mask, weight, bias, self.temperature, self.chunk_size,
-                                             with_entropy)
+                                             with_entropy, self.logprob_backend)
         if kl_reference is None:
             return logp, entropy
         with torch.no_grad():
@@ -101,7 +130,8 @@ class LMForward(nn.Module):
 
 
 def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
-                         temperature: float, chunk_size: int, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                         temperature: float, chunk_size: int, with_entropy: bool = False,
+                         backend: str = "chunked") -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropies) [B, T] of the last T tokens of `input_ids`, where T = mask.shape[1].
 
     The hidden state at position p predicts token p+1; only positions with mask = 1 are computed.
@@ -110,7 +140,7 @@ def completion_log_probs(hidden: Tensor, input_ids: Tensor, mask: Tensor, weight
     h = hidden[:, -T - 1 : -1]
     targets = input_ids[:, -T:]
     sel = mask.bool()
-    lp, ent = selective_log_probs(h[sel], weight, targets[sel], temperature, bias, chunk_size, with_entropy)
+    lp, ent = selective_log_probs(h[sel], weight, targets[sel], temperature, bias, chunk_size, with_entropy, backend)
     logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, lp)
     if not sel.any() and torch.is_grad_enabled():
         # a fully masked micro-batch (dynamic-sampling filler) still needs a graph, so backward and
@@ -149,9 +179,10 @@ class CausalLMPolicy:
 
     def __init__(self, model: nn.Module, tokenizer, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  max_new_tokens: int = 64, chunk_size: int = 1024, use_chat_template: bool = False,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, packed_sequences: bool = False, logprob_backend: str = "chunked"):
         self.tokenizer = tokenizer
-        self.module: nn.Module = LMForward(model, temperature, chunk_size)
+        self.module: nn.Module = LMForward(model, temperature, chunk_size, packed=packed_sequences,
+                                           logprob_backend=logprob_backend)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.max_new_tokens = max_new_tokens
         self.use_chat_template = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
@@ -293,6 +324,20 @@ class CausalLMPolicy:
                  "truncated_frac": 0.0, "sample_tokens": float(lengths.sum()), "sample_seconds": 0.0}
         return Rollout(inputs=self.append_completion(prompts, comp, mask), mask=mask, group_ids=group_ids,
                        completions=texts, rows=flat_rows, stats=stats, pad_values={"input_ids": self.pad_id})
+
+    @torch.no_grad()
+    def embed_prompts(self, rows: list[dict], pooling: str = "last", batch_size: int = 256) -> Tensor:
+        """Last-layer hidden states of each row's prompt inputs at its last token ('last'; prompts are
+        left-padded) or averaged over its tokens ('mean') [N, H] fp32 on CPU (DOTS embeddings)."""
+        inner = self.unwrap(self.module)
+        device = next(inner.parameters()).device
+        out = []
+        for s in range(0, len(rows), batch_size):
+            enc = self.encode_rows(rows[s : s + batch_size], device)
+            h = inner.hidden_states(**enc).float()
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            out.append((h[:, -1] if pooling == "last" else (h * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ log-probs
     def log_probs(self, batch: Rollout, with_entropy: bool = False, vocab_kl: bool = False,

@@ -48,8 +48,21 @@ METHODS = [
 ]
 
 
-def run_one(stem: str, seed: int, steps: int, out_dir: Path, extra: list[str]) -> Path:
-    run = f"{stem}_s{seed}"
+# data selection and curricula vs uniform sampling (issue: SEC and DOTS against uniform over 3 seeds);
+# (method, recipe stem, what it trains on, extra overrides, run tag)
+CURRICULA = [
+    ("GRPO, uniform prompts", "arithmetic_grpo", "online, verifier", (), ""),
+    ("SEC, arms = carry count", "arithmetic_sec", "online, verifier", (), ""),
+    ("SEC, arms = shorter operand's digits", "arithmetic_sec_shorter", "online, verifier", (), ""),
+    ("DOTS selection", "arithmetic_dots", "online, verifier", ("rollout.replay_buffer=0",), "select"),
+    ("Rollout replay (uniform prompts)", "arithmetic_replay", "online, verifier; half the groups replayed", (), ""),
+    ("DOTS selection + rollout replay", "arithmetic_dots", "online, verifier; half the groups replayed", (), ""),
+]
+SUITES = {"methods": [(*m, (), "") for m in METHODS], "curricula": CURRICULA}
+
+
+def run_one(stem: str, seed: int, steps: int, out_dir: Path, extra: list[str], tag: str = "") -> Path:
+    run = f"{stem}{'_' + tag if tag else ''}_s{seed}"
     if (out_dir / run / "summary.json").exists():
         return out_dir / run
     cmd = [sys.executable, "-m", "shared.cli", "train", str(ROOT / "configs" / "llm" / f"{stem}.yaml"), f"seed={seed}",
@@ -101,44 +114,67 @@ def train_reward(run_dir: Path, window: int = 10) -> tuple[float, float] | None:
             statistics.mean(r["reward/total"] for r in steps[-window:]))
 
 
+def generation_cost(run_dir: Path) -> dict:
+    """Samples generated per RL step (fresh groups + DOTS reference rollouts) and the DOTS predictor's mean
+    correlation with the next measurement, from the run's config and metrics."""
+    from shared.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/total" in r]
+    replayed = statistics.mean(r.get("replay/groups", 0.0) for r in steps)
+    s = cfg.sampler
+    reference = s.dots_reference * s.dots_rollouts / s.dots_every if s.name == "dots" else 0.0
+    corr = [r["sampler/dots_pred_corr"] for r in steps if "sampler/dots_pred_corr" in r]
+    return {"samples_per_step": (cfg.rollout.prompts_per_step - replayed) * cfg.rollout.samples_per_prompt + reference,
+            "dots_pred_corr": statistics.mean(corr) if corr else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--runs", default="runs/compare_llm", help="where the runs go")
-    ap.add_argument("--out", default="docs/results_llm_methods")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="methods")
+    ap.add_argument("--out", help="default: docs/results_llm_methods (methods), docs/results_curricula (curricula)")
     ap.add_argument("--only", nargs="*", help="recipe stems to run (default: all)")
     ap.add_argument("--tables-only", action="store_true", help="rewrite <out>.md from <out>.json (no runs)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
+    args.out = args.out or {"methods": "docs/results_llm_methods", "curricula": "docs/results_curricula"}[args.suite]
     if args.tables_only:
         out = Path(ROOT / args.out)
         write_tables(json.loads(out.with_suffix(".json").read_text()), args, out)
         return
     out_dir = (ROOT / args.runs).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = [m for m in METHODS if not args.only or m[1] in args.only]
-    jobs = [(stem, seed) for _, stem, _ in methods for seed in args.seeds]
+    methods = [m for m in SUITES[args.suite] if not args.only or m[1] in args.only]
+    jobs = [(stem, seed, over, tag) for _, stem, _, over, tag in methods for seed in args.seeds]
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         # the first method's runs go first, one per seed: each trains (and caches) that seed's warm start,
         # so no two parallel runs ever train the same warm-up
-        first = list(pool.map(lambda j: run_one(j[0], j[1], args.steps, out_dir, args.overrides), jobs[: len(args.seeds)]))
-        rest = list(pool.map(lambda j: run_one(j[0], j[1], args.steps, out_dir, args.overrides), jobs[len(args.seeds):]))
+        go = lambda j: run_one(j[0], j[1], args.steps, out_dir, [*args.overrides, *j[2]], j[3])  # noqa: E731
+        first = list(pool.map(go, jobs[: len(args.seeds)]))
+        rest = list(pool.map(go, jobs[len(args.seeds):]))
     dirs = dict(zip(jobs, first + rest))
     print(f"{len(jobs)} runs in {time.time() - t0:.0f} s")
 
     records = []
-    for name, stem, data in methods:
+    for name, stem, data, over, tag in methods:
         for seed in args.seeds:
-            d = dirs[(stem, seed)]
+            d = dirs[(stem, seed, over, tag)]
             s = json.loads((d / "summary.json").read_text())
             records.append({"method": name, "recipe": stem, "data": data, "seed": seed, "before": s["before"],
                             "after": s["after"], "train_reward": train_reward(d), "kl_to_start": kl_to_start(d),
-                            "rl_wall_seconds": s["rl_wall_seconds"], "steps": s["steps"]})
+                            "rl_wall_seconds": s["rl_wall_seconds"], "steps": s["steps"], **generation_cost(d)})
     write_tables(records, args, Path(ROOT / args.out))
 
+
+CURRICULA_NOTES = """\
+(notes are written after the runs)
+"""
 
 NOTES = """\
 How to read it:
@@ -170,12 +206,15 @@ def write_tables(records: list[dict], args, out: Path) -> None:
 
     import torch
 
-    lines = ["# Text methods on the embedded arithmetic task (generated by scripts/compare_llm_methods.py)", "",
+    curricula = getattr(args, "suite", "methods") == "curricula"
+    title = "Data selection and curricula" if curricula else "Text methods"
+    lines = [f"# {title} on the embedded arithmetic task (generated by scripts/compare_llm_methods.py)", "",
              f"Same warm start per seed (SFT to its validation plateau), then {steps} optimizer steps of 32 prompts "
              f"per method; held-out accuracy on 500 unseen problems (greedy). Seeds {', '.join(map(str, seeds))}; "
              f"machine: {platform.machine()}, 1 thread per run, torch {torch.__version__}.", "",
-             "| method | trains on | held-out accuracy, before → after (mean) | change per seed | train reward, first → last 10 steps | KL to start (nats/answer) | RL wall time (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | trains on | held-out accuracy, before → after (mean) | change per seed | train reward, first → last 10 steps | KL to start (nats/answer) | RL wall time (s) |"
+             + (" samples generated per step | DOTS predictor corr. |" if curricula else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if curricula else "")]
     by = {}
     for r in records:
         by.setdefault(r["method"], []).append(r)
@@ -187,9 +226,14 @@ def write_tables(records: list[dict], args, out: Path) -> None:
                   else "(data rewards)")
         kl = statistics.mean(r["kl_to_start"] for r in rs)
         wall = statistics.mean(r["rl_wall_seconds"] for r in rs)
-        lines.append(f"| {method} | {rs[0]['data']} | {b:.3f} → {a:.3f} ({a - b:+.3f}) | {changes} | {reward} | "
-                     f"{kl:.3f} | {wall:.0f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n\n" + NOTES)
+        line = (f"| {method} | {rs[0]['data']} | {b:.3f} → {a:.3f} ({a - b:+.3f}) | {changes} | {reward} | "
+                f"{kl:.3f} | {wall:.0f} |")
+        if curricula:
+            corr = [r["dots_pred_corr"] for r in rs if r.get("dots_pred_corr") is not None]
+            line += (f" {statistics.mean(r['samples_per_step'] for r in rs):.0f} | "
+                     f"{f'{statistics.mean(corr):.2f}' if corr else '–'} |")
+        lines.append(line)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n\n" + (CURRICULA_NOTES if curricula else NOTES))
     print("\n".join(lines))
 
 

@@ -53,8 +53,10 @@ class ModelConfig(Strict):
         description="local path or hub id of a checkpoint; 'embedded' builds the task's tiny model in-process",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weight dtype at load time")
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="attention implementation passed to transformers"
+    attention: Literal["sdpa", "eager", "flash_attention_2", "xformers"] = Field(
+        "sdpa", description="attention implementation: transformers' sdpa / eager / flash_attention_2 (flash_attn "
+        "package + CUDA) for LM/VLM; sdpa / eager / xformers (xformers package + CUDA) for diffusion UNets; "
+        "checked when the model is built (shared/attention.py)"
     )
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of all weights")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
@@ -62,6 +64,10 @@ class ModelConfig(Strict):
         1024, gt=0, description="completion tokens (LM/VLM) or denoising transitions (diffusion) per chunk when "
         "computing log-probs"
     )
+    logprob_backend: Literal["chunked", "triton", "auto"] = Field(
+        "chunked", description="LM/VLM per-token log-probs (shared/logprobs.py): chunked PyTorch, the fused Triton "
+        "kernel (CUDA; checked against the reference in Triton's CPU interpreter, not yet on a GPU by this project), "
+        "or auto (triton on CUDA when it imports)")
     trust_remote_code: bool = False
     freeze_vision: bool = Field(True, description="vision-language models: keep the vision tower frozen (LoRA, if "
                                 "any, goes on the language model only)")
@@ -103,6 +109,11 @@ class RolloutConfig(Strict):
         False, description="DAPO: drop groups whose rewards are all equal and refill with new prompts")
     max_gen_batches: int = Field(
         10, gt=0, description="DAPO max_num_gen_batches: prompt batches drawn per step before giving up refilling")
+    replay_buffer: int = Field(
+        0, ge=0, description="DOTS rollout replay: groups kept for replay (newest copy of each prompt, FIFO); 0 disables")
+    replay_fresh_frac: float = Field(
+        0.5, gt=0, le=1, description="DOTS rollout replay: share of each step's prompts sampled fresh (sigma); the rest "
+        "are groups replayed from the buffer, trained with the behaviour-corrected clipped loss")
 
 
 class AlgorithmConfig(Strict):
@@ -158,14 +169,28 @@ class AlgorithmConfig(Strict):
 class SamplerConfig(Strict):
     """How RL prompts are drawn from the train split (shared/sampler.py)."""
 
-    name: Literal["uniform", "sec", "mixture"] = Field(
-        "uniform", description="uniform epochs, the SEC curriculum bandit, or fixed dataset mixture weights (MoDoMoDo)")
+    name: Literal["uniform", "sec", "mixture", "dots"] = Field(
+        "uniform", description="uniform epochs, the SEC curriculum bandit, fixed dataset mixture weights (MoDoMoDo), "
+        "or DOTS adaptive-difficulty selection")
     category_field: str = Field("category", description="SEC: the row field naming each prompt's arm")
     tau: float = Field(1.0, gt=0, description="SEC: Boltzmann temperature over arm values")
     alpha: float = Field(0.5, gt=0, le=1, description="SEC: TD(0) step size")
     source_field: str = Field("source", description="mixture: the row field naming each prompt's dataset")
     weights: dict[str, float] = Field(default_factory=dict, description="mixture: dataset -> weight (normalised by "
                                       "the sum; datasets not named get 0)")
+    dots_every: int = Field(2, gt=0, description="DOTS: RL steps between difficulty re-estimations (mu)")
+    dots_reference: int = Field(256, gt=0, description="DOTS: reference prompts rolled out at each re-estimation")
+    dots_rollouts: int = Field(8, gt=0, description="DOTS: samples per reference prompt (its pass rate)")
+    dots_target: float = Field(0.5, ge=0, le=1, description="DOTS: the pass rate selection aims at (alpha)")
+    dots_select_tau: float = Field(1e-3, gt=0, description="DOTS: selection temperature of softmax(-|p - target| / tau)")
+    dots_attention_tau: float = Field(0.01, gt=0, description="DOTS: temperature of the attention over reference "
+                                      "prompts (cosine similarity of embeddings)")
+    dots_pass_threshold: float = Field(0.5, description="DOTS: a sample passes when its reward exceeds this")
+    dots_encoder: str = Field("policy", description="DOTS: prompt embeddings from the initial policy ('policy') or a "
+                              "local path / hub id of an encoder")
+    dots_pooling: Literal["last", "mean"] = Field(
+        "last", description="DOTS: a prompt's embedding is the last hidden state of its last token (what a causal "
+        "LM is about to answer from) or the mean over its tokens (the paper's encoder pooling)")
 
 
 class OptimConfig(Strict):
@@ -188,6 +213,9 @@ class TrainConfig(Strict):
     micro_batch_size: int = Field(8, gt=0, description="sequences per device per forward pass")
     grad_accum_steps: int = Field(1, gt=0, description="micro-batches per device per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    packed_sequences: bool = Field(
+        False, description="text LMs: run the training forward on the real tokens of a micro-batch packed into one "
+        "row, without padding (llm_rl/packing.py); domain 'llm' only")
 
 
 class RewardSpec(Strict):
@@ -248,6 +276,19 @@ class RunConfig(Strict):
                 f"algorithm.objective: unknown objective {self.algorithm.objective!r}"
                 + _suggest(self.algorithm.objective, OBJECTIVES)
             )
+        return self
+
+    @model_validator(mode="after")
+    def _replay_compatible(self) -> "RunConfig":
+        r = self.rollout
+        if r.replay_buffer:
+            if self.algorithm.objective != "ppo_clip":
+                raise ValueError("rollout.replay_buffer: replayed groups need the behaviour-corrected clipped loss of "
+                                 f"objective ppo_clip, not {self.algorithm.objective!r}")
+            if r.source != "online" or r.dynamic_sampling:
+                raise ValueError("rollout.replay_buffer: replay works with online sampling without dynamic_sampling")
+            if round(r.prompts_per_step * r.replay_fresh_frac) < 1:
+                raise ValueError("rollout.replay_fresh_frac: fewer than one fresh prompt per step")
         return self
 
     @property

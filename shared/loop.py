@@ -33,11 +33,13 @@ from shared.aggregation import StepNorm
 from shared.baselines import build_baseline
 from shared.checkpoint import latest_checkpoint, load_hf_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from shared.config import RunConfig, dump_config, optimizer_steps_per_rollout
+from shared.dots import PolicyProbe
 from shared.evaluate import evaluate
 from shared.kl import kl_penalty
 from shared.objectives import OBJECTIVES
 from shared.offline import check_offline_rows, offline_rollout
 from shared.recipe import build_components
+from shared.replay import ReplayBuffer, mark_fresh
 from shared.rollout import Rollout, first_in_group
 from shared.sampler import build_sampler
 from shared.step_values import step_values
@@ -94,6 +96,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         check_offline_rows(train_rows, r.samples_per_prompt)
     baseline = build_baseline(a.advantage, policy, task, reward_fn, cfg, acc)  # ReMax / A-LoL: b(x) per prompt
     sampler = build_sampler(cfg.sampler, train_rows, r.prompts_per_step, cfg.seed)
+    probe = PolicyProbe(policy, reward_fn, cfg, acc) if hasattr(sampler, "prepare") else None  # DOTS measures
+    replay = ReplayBuffer(r.replay_buffer, cfg.seed) if r.replay_buffer else None
     tracker = (PerPromptTracker(a.tracker_buffer, a.tracker_min_count, a.adv_eps)
                if a.advantage == "per_prompt_tracker" else None)
 
@@ -118,6 +122,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         sampler.load_state_dict(state["sampler"])
         if tracker is not None:
             tracker.load_state_dict(state["tracker"])
+        if replay is not None:
+            replay.load_state_dict(state["replay"])
         set_rng_state(state["rng"])
         start_step = state["step"]
         acc.print(f"resumed from {last} at step {start_step}")
@@ -132,12 +138,23 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     if start_step == 0:
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
 
-    needs_old_logp = steps_per_rollout > 1 or a.epochs > 1
+    needs_old_logp = steps_per_rollout > 1 or a.epochs > 1 or replay is not None  # replay stores mu = pi_old
     for step in range(start_step + 1, t.steps + 1):
         t_step = time.perf_counter()
-        # 1-2. prompts -> samples -> rewards (each component scored; failures isolated in reward_fn)
-        rollout, idx, info = collect_rollout(policy, sampler, train_rows, reward_fn, cfg, acc, step, baseline)
+        # 1-2. prompts -> samples -> rewards (each component scored; failures isolated in reward_fn);
+        # with rollout replay (DOTS) part of the step's groups come from the buffer instead
+        if probe is not None:
+            sampler.prepare(step, probe)
+        n_replay = replay_groups(replay, cfg, acc.num_processes)
+        rollout, idx, info = collect_rollout(policy, sampler, train_rows, reward_fn, cfg, acc, step, baseline,
+                                             n_prompts=r.prompts_per_step - n_replay)
         sample_stats = rollout.stats
+        if replay is not None:
+            n_fresh, fresh_rewards = len(rollout), rollout.rewards.clone()
+            rollout = mark_fresh(rollout.to(acc.device))
+            if n_replay:
+                replayed = replay.draw(n_replay, step, acc.process_index, acc.num_processes).to(acc.device)
+                rollout = Rollout.cat([rollout, replayed])
         rewards = rollout.rewards.to(acc.device)
 
         # 3. reference log-probs (no grad); KL-in-reward shapes the reward before advantages.
@@ -158,9 +175,11 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             keys = [row["prompt"] for row in rollout.rows]
             keys = gather_object(keys) if acc.num_processes > 1 else keys
             adv_all = tracker(keys, all_rewards.double().cpu()).to(acc.device)
-        else:  # per-sample extras (baselines, dedup flags) are gathered like the rewards
+        else:  # the per-sample extras the estimator needs (baselines, dedup flags) are gathered like the rewards
+            needs = getattr(ADVANTAGES.get(a.advantage), "needs", ())
             extras = {k: acc.gather(acc.pad_across_processes(v.to(acc.device), dim=1, pad_index=math.nan)
-                                    if v.dim() == 2 else v.to(acc.device)) for k, v in rollout.extras.items()}
+                                    if v.dim() == 2 else v.to(acc.device))
+                      for k, v in rollout.extras.items() if k in needs}
             adv_all = compute_advantages(a.advantage, all_rewards.double(), all_groups, a.adv_eps,
                                          threshold=a.positive_threshold, **extras)
         adv_all = clip_advantages(adv_all, a.adv_clip).float()
@@ -240,6 +259,15 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             metrics_out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         sampler.update(all_groups.cpu(), {"rewards": all_rewards.cpu(), "advantages": adv_all.cpu()})
         metrics_out.update(sampler.metrics())
+        if replay is not None:  # this step's fresh groups, with mu = the policy that sampled them
+            metrics_out["replay/groups"] = float(n_replay)
+            fresh = rollout.select(slice(0, n_fresh))
+            fresh.rewards = fresh_rewards  # before any KL shaping (re-applied when replayed)
+            n_local = (r.prompts_per_step - n_replay) // acc.num_processes
+            keys = idx[acc.process_index * n_local : (acc.process_index + 1) * n_local]
+            entries = [(fresh.to("cpu"), rollout.old_logp[:n_fresh].cpu(), keys)]
+            for part, behaviour, part_keys in (gather_object(entries) if acc.num_processes > 1 else entries):
+                replay.add(part, behaviour, part_keys)
         if tracker is not None:
             metrics_out.update(tracker.stats())
 
@@ -255,7 +283,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             raise FloatingPointError(f"step {step}: loss is not finite ({metrics_out.get('loss')}); "
                                      "lower optim.lr or check the rewards")
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
-            _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker)
+            _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker, replay)
 
     # ---------------------------------------------------------------- final evaluation and summary
     after = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
@@ -287,8 +315,18 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     return summary
 
 
+def replay_groups(replay: ReplayBuffer | None, cfg: RunConfig, num_processes: int) -> int:
+    """Groups replayed this step, all processes together: (1 - sigma) of the step once the buffer holds
+    that many (fewer before), a multiple of the process count (every process replays its share)."""
+    if replay is None:
+        return 0
+    want = cfg.rollout.prompts_per_step - round(cfg.rollout.prompts_per_step * cfg.rollout.replay_fresh_frac)
+    n = min(want, len(replay))
+    return n - n % num_processes
+
+
 def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
-                    step: int | None = None, baseline=None) -> tuple[Rollout, list[int], dict]:
+                    step: int | None = None, baseline=None, n_prompts: int | None = None) -> tuple[Rollout, list[int], dict]:
     """Sample this process's groups and score them (reward weights of RL step `step`, see `rewards[].start_step`).
 
     Every process draws the same global prompt batch and keeps its slice of whole groups. Group ids
@@ -306,12 +344,13 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
     `baseline(rows, step)` (ReMax, A-LoL) adds each prompt's baseline as `extras["baseline"]`.
     """
     r = cfg.rollout
-    G, P_local = r.samples_per_prompt, r.prompts_per_step // acc.num_processes
+    n_prompts = r.prompts_per_step if n_prompts is None else n_prompts
+    G, P_local = r.samples_per_prompt, n_prompts // acc.num_processes
     want = P_local * G
     kept, dropped, drawn, failures = [], [], [], Counter()
     for gen_batch in range(1, (r.max_gen_batches if r.dynamic_sampling else 1) + 1):
         first = sampler.cursor + acc.process_index * P_local  # global index of this process's first prompt
-        idx = sampler.next_batch()
+        idx = sampler.next_batch(n_prompts)
         drawn += idx
         rows = [train_rows[i] for i in idx[acc.process_index * P_local : (acc.process_index + 1) * P_local]]
         if r.source == "offline":
@@ -354,11 +393,13 @@ def _no_grad_logp(policy, rollout: Rollout) -> torch.Tensor:
         return policy.log_probs(rollout)[0]
 
 
-def _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker=None) -> None:
+def _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker=None,
+                replay=None) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "sampler": sampler.state_dict(), "rng": rng_state(), "step": step, "before": before,
-                 "tracker": tracker.state_dict() if tracker is not None else None}
+                 "tracker": tracker.state_dict() if tracker is not None else None,
+                 "replay": replay.state_dict() if replay is not None else None}
         save_checkpoint(ckpt_dir, step, policy.save_pretrained, state, cfg.checkpoint.keep_last)
     acc.wait_for_everyone()

@@ -244,9 +244,10 @@ class MixtureSampler:
             self._perm_cache[d] = cached
         return cached[1]
 
-    def next_batch(self) -> list[int]:
+    def next_batch(self, n: int | None = None) -> list[int]:
+        n = self.batch_size if n is None else n
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._BATCH_TAG, self.cursor]))
-        picks = rng.choice(len(self.datasets), size=self.batch_size, p=self.probs)
+        picks = rng.choice(len(self.datasets), size=n, p=self.probs)
         out = []
         self.last_counts = {d: 0 for d in self.datasets}
         for j in picks.tolist():
@@ -255,7 +256,7 @@ class MixtureSampler:
             out.append(self.pools[d][int(self._perm(d, epoch)[pos])])
             self.taken[d] += 1
             self.last_counts[d] += 1
-        self.cursor += self.batch_size
+        self.cursor += n
         return out
 
     def update(self, group_ids, stats) -> None:

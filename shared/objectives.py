@@ -38,15 +38,19 @@ def sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
 
 
 def clipped_surrogate(
-    ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float, dual_clip: float | None = None
+    ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float, dual_clip: float | None = None,
+    center: Tensor | float = 1.0,
 ) -> Tensor:
-    """Per-step PPO-clip loss  -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)  (to be minimised).
+    """Per-step PPO-clip loss  -min(rho*A, clip(rho, c(1-eps_low), c(1+eps_high))*A)  (to be minimised).
 
+    `center` c is 1 for on-policy samples. For a replayed sample (DOTS rollout replay, METHODS.md
+    B.8) rho = pi_theta / mu is the ratio to the behaviour policy mu that sampled it and
+    c = pi_old / mu, so the clip range sits around pi_old, importance-weighted to mu.
     With dual clip (c > 1), for A < 0 the loss is additionally capped at -c*A (Ye et al. 2020).
     `adv` broadcasts against `ratio`.
     """
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    clipped = -adv * torch.clamp(ratio, center * (1.0 - eps_low), center * (1.0 + eps_high))
     loss = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
@@ -61,14 +65,21 @@ def ppo_clip(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) 
     - clip-higher: separate eps_low / eps_high (DAPO); optional dual clip.
     - KL: with `kl_placement: loss` and beta > 0, beta * k(logp, ref_logp) is added per step and
       aggregated like the surrogate (GRPO eq. 3).
+    - replay: `behaviour_logp` [B, T] (rollout replay) holds log mu of replayed samples and NaN for
+      fresh ones; rho = pi_theta / mu with the clip centred on pi_old / mu (`clipped_surrogate`),
+      which is the plain surrogate where mu = pi_old.
     """
-    log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    behaviour = batch.get("behaviour_logp")
+    mu = old_logp if behaviour is None else torch.where(torch.isnan(behaviour), old_logp, behaviour)
+    log_ratio = (logp - mu).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    log_center = (old_logp - mu).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     if cfg.ratio_level == "sequence":
-        log_ratio = sequence_log_ratio(log_ratio, mask)
+        log_ratio, log_center = sequence_log_ratio(log_ratio, mask), sequence_log_ratio(log_center, mask)
     ratio = log_ratio.exp()
+    center = log_center.exp() if behaviour is not None else 1.0
     a = adv.to(ratio.dtype)
     a = a.unsqueeze(-1) if a.dim() == 1 else a  # [B] per sequence or [B, T] per token (advantage: per_step)
-    per_step = clipped_surrogate(ratio, a, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+    per_step = clipped_surrogate(ratio, a, cfg.eps_low, cfg.eps_high, cfg.dual_clip, center)
 
     metrics: Metrics = {}
     if ref_logp is not None and cfg.beta > 0:
@@ -79,11 +90,11 @@ def ppo_clip(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) 
 
     loss = aggregate(per_step, mask, cfg.loss_agg, norm)
     with torch.no_grad():
-        low = ((ratio < 1.0 - cfg.eps_low) & (a < 0)).to(ratio.dtype)
-        high = ((ratio > 1.0 + cfg.eps_high) & (a > 0)).to(ratio.dtype)
+        low = ((ratio < center * (1.0 - cfg.eps_low)) & (a < 0)).to(ratio.dtype)
+        high = ((ratio > center * (1.0 + cfg.eps_high)) & (a > 0)).to(ratio.dtype)
         metrics["clip_frac_low"] = aggregate(low, mask, "token_mean", norm)
         metrics["clip_frac_high"] = aggregate(high, mask, "token_mean", norm)
-        metrics["kl_old"] = aggregate(0.5 * log_ratio.square(), mask, "token_mean", norm)
+        metrics["kl_old"] = aggregate(0.5 * (log_ratio - log_center).square(), mask, "token_mean", norm)
         metrics["ratio_mean"] = aggregate(ratio, mask, "token_mean", norm)
     return loss, metrics
 

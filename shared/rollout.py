@@ -61,6 +61,17 @@ class Rollout:
             extras={k: pick(v) for k, v in self.extras.items()},
         )
 
+    def to(self, device) -> "Rollout":
+        """The same rollout with every tensor on `device`."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self, inputs={k: move(v) for k, v in self.inputs.items()}, mask=move(self.mask),
+            group_ids=move(self.group_ids), old_logp=move(self.old_logp), ref_logp=move(self.ref_logp),
+            rewards=move(self.rewards), advantages=move(self.advantages),
+            components={k: move(v) for k, v in self.components.items()},
+            extras={k: move(v) for k, v in self.extras.items()},
+        )
+
     @staticmethod
     def cat(parts: list["Rollout"]) -> "Rollout":
         """Concatenate rollouts along the batch, re-padding prefixes (left) and trained suffixes (right)."""

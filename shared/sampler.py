@@ -4,7 +4,8 @@ Contract (used by shared/loop.py):
 
     cursor: int                      prompts handed out so far; the global id of the next prompt drawn
                                      (the loop uses it as the group id, so ids are unique and resumable)
-    next_batch() -> list[int]        the next `batch_size` item indices
+    next_batch(n=None) -> list[int]  the next n item indices (default `batch_size`; fewer when rollout replay
+                                     fills part of the step)
     update(group_ids, stats)         feedback after a step: `group_ids` [N] are draw positions (cursor
                                      values) of the trained samples, `stats` holds per-sample tensors
                                      ("rewards", "advantages") aligned with them
@@ -13,7 +14,9 @@ Contract (used by shared/loop.py):
 
 `UniformSampler` walks seeded permutations epoch by epoch. `SECSampler` is the Self-Evolving
 Curriculum bandit (METHODS.md B.7). Both draw with generators seeded by (seed, cursor), so they
-keep no hidden RNG state.
+keep no hidden RNG state. `MixtureSampler` (shared/mixture.py) draws fixed dataset weights;
+`DOTSSampler` (shared/dots.py) also implements `prepare(step, probe)`, called by the loop before
+each draw, to measure pass rates with the policy.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ class UniformSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_items, generator=g)
 
-    def next_batch(self) -> list[int]:
+    def next_batch(self, n: int | None = None) -> list[int]:
+        n = self.batch_size if n is None else n
         out: list[int] = []
-        while len(out) < self.batch_size:
+        while len(out) < n:
             epoch, pos = divmod(self.cursor, self.num_items)
-            take = min(self.batch_size - len(out), self.num_items - pos)
+            take = min(n - len(out), self.num_items - pos)
             out += self._perm(epoch)[pos : pos + take].tolist()
             self.cursor += take
         return out
@@ -92,9 +96,10 @@ class SECSampler:
         self.arm_cursor[arm] += 1
         return pool[int(torch.randperm(len(pool), generator=g)[pos])]
 
-    def next_batch(self) -> list[int]:
+    def next_batch(self, n: int | None = None) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + 104729 + self.cursor)
-        picks = torch.multinomial(torch.tensor(self.probabilities()), self.batch_size, replacement=True, generator=g)
+        picks = torch.multinomial(torch.tensor(self.probabilities()), self.batch_size if n is None else n,
+                                  replacement=True, generator=g)
         out = []
         for k in picks.tolist():
             arm = self.arms[k]
@@ -140,4 +145,9 @@ def build_sampler(scfg, rows: list[dict], batch_size: int, seed: int):
         from shared.mixture import mixture_sampler_from_rows
 
         return mixture_sampler_from_rows(rows, scfg.source_field, scfg.weights, batch_size, seed)
+    if scfg.name == "dots":
+        from shared.dots import DOTSSampler
+
+        return DOTSSampler(rows, batch_size, seed, scfg.dots_every, scfg.dots_reference, scfg.dots_rollouts,
+                           scfg.dots_target, scfg.dots_select_tau, scfg.dots_attention_tau)
     raise ValueError(f"sampler.name: unknown sampler {scfg.name!r}")

@@ -233,3 +233,54 @@ def test_two_process_per_step_advantages_run(tmp_path):
         checkpoint={"every": 0}))
     steps = [r for r in _metrics(tmp_path / "runs" / "two") if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+
+
+DOTS = {"sampler": {"name": "dots", "dots_every": 2, "dots_reference": 8, "dots_rollouts": 2},
+        "rollout": {"replay_buffer": 4, "replay_fresh_frac": 0.5}}
+
+
+def test_resume_with_dots_and_replay_matches_uninterrupted_run(tmp_path, monkeypatch):
+    """DOTS selection state and the replay buffer are checkpointed: a crash and resume changes nothing."""
+    _train(tiny_config_dict(tmp_path, name="full", **DOTS))
+    crash_on_sample(monkeypatch, at=5)  # step 1: 2 reference chunks + 1 batch; step 2: 1; step 3 crashes
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_config_dict(tmp_path, name="crash", **DOTS))
+    monkeypatch.undo()
+    crash_dir = tmp_path / "runs" / "crash"
+    assert [p.name for p in (crash_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_000002"]
+    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, **DOTS))
+    a, b = _weights(tmp_path / "runs" / "full", 4), _weights(crash_dir, 4)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    rows = _metrics(tmp_path / "runs" / "full")
+    assert rows == _metrics(crash_dir)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["replay/groups"] for r in steps] == [0.0, 2.0, 2.0, 2.0]  # half of 4 prompts once the buffer fills
+    assert all(0.0 <= r["sampler/dots_ref_pass_mean"] <= 1.0 for r in steps)
+
+
+def test_replay_stores_the_sampling_policys_log_probs(tmp_path):
+    """The behaviour log-probs kept with a group are the log-probs of the weights that sampled it."""
+    import shared.loop as loop
+    from shared.checkpoint import load_trainer_state
+
+    d = tiny_config_dict(tmp_path, rollout={"replay_buffer": 2, "replay_fresh_frac": 0.5},
+                         train={"steps": 2}, checkpoint={"every": 1, "keep_last": 3})
+    _train(d)
+    run = tmp_path / "runs" / "tiny"
+    state = load_trainer_state(run / "checkpoints" / "step_000002")
+    groups = state["replay"]["groups"]
+    assert len(groups) == 2  # capacity 2: step 2's two fresh groups replaced step 1's
+    from shared.config import validate_config
+    from shared.recipe import build_components
+    from accelerate import Accelerator
+    from shared.checkpoint import load_hf_weights
+
+    comps = build_components(validate_config(d, "t"), Accelerator(cpu=True))
+    load_hf_weights(comps.policy.module.model, run / "checkpoints" / "step_000001" / "model")  # sampled step 2
+    for _, g in groups:
+        with torch.no_grad():
+            logp = comps.policy.log_probs(g)[0]
+        m = g.mask.bool()
+        torch.testing.assert_close(logp[m], g.extras["behaviour_logp"][m], rtol=1e-5, atol=1e-5)
+    assert loop.replay_groups(None, validate_config(d, "t"), 1) == 0

@@ -35,11 +35,14 @@ CHARS = list("0123456789+-*=() ")
 
 @register_task_schema("arithmetic")
 class ArithmeticTaskConfig(Strict):
-    WARMUP_NEUTRAL: ClassVar[tuple[str, ...]] = ("offline", "offline_correct_frac")  # RL-stage data only
+    WARMUP_NEUTRAL: ClassVar[tuple[str, ...]] = ("offline", "offline_correct_frac", "category_by")  # RL-stage only
 
     name: Literal["arithmetic"] = "arithmetic"
     digits: int = Field(3, gt=0, le=9, description="operands are drawn from [0, 10**digits)")
     ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], description="operators drawn uniformly")
+    category_by: Literal["carries", "shorter_operand"] = Field(
+        "carries", description="a sum's `category` (curriculum arm): its carry count, or the digit count of its shorter "
+        "operand (the warmed-up model solves 82% of 4+4-digit sums but 27% of those with a 3-digit operand)")
     sft_size: int = Field(1000, ge=0, description="demonstrations for the SFT warm-up")
     train_size: int = Field(20000, gt=0, description="RL prompts")
     val_size: int = Field(200, ge=0, description="warm-up model-selection problems")
@@ -85,6 +88,12 @@ def _carries(a: int, b: int) -> int:
 
 
 OP_SOURCE = {"+": "add", "-": "sub", "*": "mul"}  # each operator is a dataset (mixture sampling, per-dataset rewards)
+
+
+def _category(by: str, a: int, op: str, b: int) -> str:
+    if op != "+":
+        return f"op={op}"
+    return f"carries={_carries(a, b)}" if by == "carries" else f"shorter={min(len(str(a)), len(str(b)))}"
 
 
 def _solve(a: int, op: str, b: int) -> int:
@@ -158,7 +167,7 @@ class ArithmeticTask:
                 seen.add((a, op, b))
                 ans = str(_solve(a, op, b))
                 rows.append({"prompt": f"{a}{op}{b}=", "answer": ans, "completion": ans,
-                             "category": f"carries={_carries(a, b)}" if op == "+" else f"op={op}",
+                             "category": _category(cfg.category_by, a, op, b),
                              "source": OP_SOURCE[op]})
                 if name == "train" and cfg.offline != "none":
                     rows[-1] |= offline_fields(cfg, a, op, b, offline_rng)
