@@ -193,6 +193,21 @@ class SamplerConfig(Strict):
         "LM is about to answer from) or the mean over its tokens (the paper's encoder pooling)")
 
 
+class HybridConfig(Strict):
+    """SFT steps interleaved with RL on the questions no sample solved (shared/hybrids.py)."""
+
+    name: Literal["none", "relift", "regft"] = Field(
+        "none", description="relift: SFT on the stored demonstrations of hard questions (ReLIFT); regft: on the "
+        "policy's own solutions written from a partial reference solution (ReGFT)")
+    sft_batch: int = Field(128, gt=0, description="hard questions per SFT step (ReLIFT: 128); the step runs once the "
+                           "buffer holds this many, on the newest")
+    sft_lr: float = Field(1e-6, gt=0, description="learning rate of the SFT step's own AdamW (ReLIFT: 1e-6)")
+    buffer_size: int = Field(1024, gt=0, description="hard questions kept (newest)")
+    hint_frac: float = Field(0.5, gt=0, lt=1, description="regft: share of the reference solution given as the start "
+                             "of the answer")
+    hint_samples: int = Field(4, gt=0, description="regft: continuations sampled per hard question")
+
+
 class OptimConfig(Strict):
     name: Literal["adamw", "lift"] = Field("adamw", description="adamw, or LIFT: AdamW on the principal weights only "
                                            "(shared/analysis/lift.py)")
@@ -260,6 +275,7 @@ class RunConfig(Strict):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -276,6 +292,12 @@ class RunConfig(Strict):
                 f"algorithm.objective: unknown objective {self.algorithm.objective!r}"
                 + _suggest(self.algorithm.objective, OBJECTIVES)
             )
+        return self
+
+    @model_validator(mode="after")
+    def _hybrid_batch(self) -> "RunConfig":
+        if self.hybrid.name != "none" and self.rollout.source != "online":
+            raise ValueError("hybrid.name: interleaved SFT on hard questions needs online sampling")
         return self
 
     @model_validator(mode="after")
@@ -322,6 +344,9 @@ def optimizer_steps_per_rollout(cfg: RunConfig, num_processes: int) -> int:
             f"rollout.prompts_per_step={r.prompts_per_step} must be divisible by the number of processes "
             f"({num_processes}) so every process holds whole groups"
         )
+    if cfg.hybrid.name != "none" and cfg.hybrid.sft_batch % num_processes:
+        raise ConfigError(f"hybrid.sft_batch={cfg.hybrid.sft_batch} must be divisible by the number of processes "
+                          f"({num_processes})")
     per_process = r.prompts_per_step // num_processes * r.samples_per_prompt
     per_step = t.micro_batch_size * t.grad_accum_steps
     if per_process % per_step:

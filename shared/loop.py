@@ -35,6 +35,7 @@ from shared.checkpoint import latest_checkpoint, load_hf_weights, load_trainer_s
 from shared.config import RunConfig, dump_config, optimizer_steps_per_rollout
 from shared.dots import PolicyProbe
 from shared.evaluate import evaluate
+from shared.hybrids import HybridSFT, hard_groups
 from shared.kl import kl_penalty
 from shared.objectives import OBJECTIVES
 from shared.offline import check_offline_rows, offline_rollout
@@ -98,6 +99,11 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     sampler = build_sampler(cfg.sampler, train_rows, r.prompts_per_step, cfg.seed)
     probe = PolicyProbe(policy, reward_fn, cfg, acc) if hasattr(sampler, "prepare") else None  # DOTS measures
     replay = ReplayBuffer(r.replay_buffer, cfg.seed) if r.replay_buffer else None
+    hybrid = None
+    if cfg.hybrid.name != "none":  # ReLIFT / ReGFT: SFT on hard questions between RL steps
+        if any("completion" not in row for row in train_rows[:1]):
+            raise ValueError(f"hybrid.name {cfg.hybrid.name!r}: train rows need a reference solution in 'completion'")
+        hybrid = HybridSFT(cfg.hybrid, policy, reward_fn, a.positive_threshold, cfg.seed)
     tracker = (PerPromptTracker(a.tracker_buffer, a.tracker_min_count, a.adv_eps)
                if a.advantage == "per_prompt_tracker" else None)
 
@@ -124,6 +130,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             tracker.load_state_dict(state["tracker"])
         if replay is not None:
             replay.load_state_dict(state["replay"])
+        if hybrid is not None:
+            hybrid.load_state_dict(state["hybrid"])
         set_rng_state(state["rng"])
         start_step = state["step"]
         acc.print(f"resumed from {last} at step {start_step}")
@@ -223,6 +231,15 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+        if hybrid is not None:  # hard questions of this step (fresh groups only) -> buffer -> maybe one SFT step
+            fresh_n = n_fresh if replay is not None else len(rollout)
+            hard = [rollout.rows[i] for i in hard_groups(rollout.rewards[:fresh_n].cpu(), rollout.group_ids[:fresh_n].cpu(),
+                                                          a.positive_threshold)]
+            demos = hybrid.demonstrations([{k: v for k, v in row.items() if k != "completion_length"} for row in hard],
+                                          step)
+            for part in (gather_object([demos]) if acc.num_processes > 1 else [demos]):
+                hybrid.add(part)
+            hybrid_metrics = hybrid.maybe_step(acc)
         train_seconds = time.perf_counter() - t_train
 
         # 6. metrics (objective metrics are summed over processes: each is a share of a global mean)
@@ -257,6 +274,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         })
         if grad_norms:
             metrics_out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if hybrid is not None:
+            metrics_out.update(hybrid_metrics)
         sampler.update(all_groups.cpu(), {"rewards": all_rewards.cpu(), "advantages": adv_all.cpu()})
         metrics_out.update(sampler.metrics())
         if replay is not None:  # this step's fresh groups, with mu = the policy that sampled them
@@ -283,7 +302,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             raise FloatingPointError(f"step {step}: loss is not finite ({metrics_out.get('loss')}); "
                                      "lower optim.lr or check the rewards")
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
-            _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker, replay)
+            _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker, replay, hybrid)
 
     # ---------------------------------------------------------------- final evaluation and summary
     after = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
@@ -394,12 +413,13 @@ def _no_grad_logp(policy, rollout: Rollout) -> torch.Tensor:
 
 
 def _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker=None,
-                replay=None) -> None:
+                replay=None, hybrid=None) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "sampler": sampler.state_dict(), "rng": rng_state(), "step": step, "before": before,
                  "tracker": tracker.state_dict() if tracker is not None else None,
-                 "replay": replay.state_dict() if replay is not None else None}
+                 "replay": replay.state_dict() if replay is not None else None,
+                 "hybrid": hybrid.state_dict() if hybrid is not None else None}
         save_checkpoint(ckpt_dir, step, policy.save_pretrained, state, cfg.checkpoint.keep_last)
     acc.wait_for_everyone()

@@ -284,3 +284,21 @@ def test_replay_stores_the_sampling_policys_log_probs(tmp_path):
         m = g.mask.bool()
         torch.testing.assert_close(logp[m], g.extras["behaviour_logp"][m], rtol=1e-5, atol=1e-5)
     assert loop.replay_groups(None, validate_config(d, "t"), 1) == 0
+
+
+def test_resume_with_relift_matches_uninterrupted_run(tmp_path, monkeypatch):
+    """The hard-question buffer and the SFT optimizer are checkpointed."""
+    over = {"hybrid": {"name": "relift", "sft_batch": 2, "sft_lr": 1e-3}}
+    _train(tiny_config_dict(tmp_path, name="full", **over))
+    crash_on_sample(monkeypatch, at=3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_config_dict(tmp_path, name="crash", **over))
+    monkeypatch.undo()
+    crash_dir = tmp_path / "runs" / "crash"
+    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, **over))
+    a, b = _weights(tmp_path / "runs" / "full", 4), _weights(crash_dir, 4)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    rows = _metrics(tmp_path / "runs" / "full")
+    assert rows == _metrics(crash_dir)
+    assert any(r.get("hybrid/sft_steps", 0) > 0 for r in rows)
