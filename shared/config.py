@@ -109,6 +109,11 @@ class RolloutConfig(Strict):
         False, description="DAPO: drop groups whose rewards are all equal and refill with new prompts")
     max_gen_batches: int = Field(
         10, gt=0, description="DAPO max_num_gen_batches: prompt batches drawn per step before giving up refilling")
+    attempts: Literal[1, 2] = Field(
+        1, description="2: every answer gets a second attempt from `revision_template` (SCoRe, shared/attempts.py)")
+    revision_template: str = Field(
+        "{prompt}{completion}\nThere might be an error in the solution above. Correct it.\n{prompt}",
+        description="second-attempt prompt, with {prompt} and {completion} (the first answer) filled in")
     replay_buffer: int = Field(
         0, ge=0, description="DOTS rollout replay: groups kept for replay (newest copy of each prompt, FIFO); 0 disables")
     replay_fresh_frac: float = Field(
@@ -161,6 +166,11 @@ class AlgorithmConfig(Strict):
     value_lr: float = Field(1e-5, gt=0, description="A-LoL value head learning rate")
     ift_lambda: float = Field(0.2, ge=0, le=1, description="IFT temporal residual: weight of the predicted token")
     ift_gamma: float = Field(0.95, gt=0, le=1, description="IFT relation-propagation discount")
+    score_stage1_steps: int = Field(0, ge=0, description="SCoRe (rollout.attempts 2): RL steps of stage I (reward on "
+                                    "the second attempt, KL first_attempt_beta on the first); stage II after")
+    first_attempt_beta: float = Field(0.1, ge=0, description="SCoRe stage I: KL coefficient on the first attempt")
+    correction_bonus: float = Field(10.0, ge=0, description="SCoRe stage II: alpha of the second attempt's bonus "
+                                    "alpha * (r2 - r1)")
     step_rollouts: int = Field(4, gt=0, description="per_step: sampled continuations per step of an incorrect answer")
     step_delimiter: str = Field("\n", description="per_step: a step ends at a token containing this text "
                                 "('' = every token is a step)")
@@ -295,6 +305,24 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _attempts_compatible(self) -> "RunConfig":
+        r = self.rollout
+        if r.attempts > 1:
+            if self.algorithm.objective != "ppo_clip":
+                raise ValueError("rollout.attempts: two attempts are trained with objective ppo_clip (per-sample "
+                                 f"weights and KL coefficients), not {self.algorithm.objective!r}")
+            if r.source != "online" or r.dynamic_sampling or r.replay_buffer:
+                raise ValueError("rollout.attempts: two attempts need online sampling without dynamic_sampling or replay")
+            if self.algorithm.advantage not in ("grpo", "dr_grpo", "rloo", "batch_std"):
+                raise ValueError("rollout.attempts: two attempts use a group-relative advantage (grpo, dr_grpo, rloo, "
+                                 f"batch_std), not {self.algorithm.advantage!r}")
+            if self.algorithm.kl_placement != "loss":
+                raise ValueError("algorithm.kl_placement: two attempts put their per-attempt KL in the loss")
+            if "{prompt}" not in r.revision_template or "{completion}" not in r.revision_template:
+                raise ValueError("rollout.revision_template: must contain {prompt} and {completion}")
+        return self
+
+    @model_validator(mode="after")
     def _hybrid_batch(self) -> "RunConfig":
         if self.hybrid.name != "none" and self.rollout.source != "online":
             raise ValueError("hybrid.name: interleaved SFT on hard questions needs online sampling")
@@ -347,12 +375,12 @@ def optimizer_steps_per_rollout(cfg: RunConfig, num_processes: int) -> int:
     if cfg.hybrid.name != "none" and cfg.hybrid.sft_batch % num_processes:
         raise ConfigError(f"hybrid.sft_batch={cfg.hybrid.sft_batch} must be divisible by the number of processes "
                           f"({num_processes})")
-    per_process = r.prompts_per_step // num_processes * r.samples_per_prompt
+    per_process = r.prompts_per_step // num_processes * r.samples_per_prompt * r.attempts
     per_step = t.micro_batch_size * t.grad_accum_steps
     if per_process % per_step:
         raise ConfigError(
             f"each process holds {per_process} sequences per rollout (prompts_per_step/processes * "
-            f"samples_per_prompt) which is not a multiple of train.micro_batch_size * train.grad_accum_steps "
+            f"samples_per_prompt * attempts) which is not a multiple of train.micro_batch_size * train.grad_accum_steps "
             f"= {per_step}; change one so the rollout splits into whole optimizer steps"
         )
     return per_process // per_step

@@ -16,7 +16,8 @@ import torch
 
 @torch.no_grad()
 def evaluate(policy, task, split: str, max_prompts: int, batch_size: int, accelerator=None,
-             samples_to=None) -> dict[str, float]:
+             samples_to=None, revision_template: str | None = None) -> dict[str, float]:
+    """Held-out metrics; with `revision_template` (two-attempt runs) also the second attempt's."""
     rows = task.split(split)[:max_prompts]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = list(range(rank, len(rows), world))
@@ -24,6 +25,9 @@ def evaluate(policy, task, split: str, max_prompts: int, batch_size: int, accele
     for s in range(0, len(mine), batch_size):
         completions += policy.complete([rows[i] for i in mine[s : s + batch_size]])
     corpus = hasattr(task, "metrics")
+    if revision_template is not None and not corpus:
+        return _two_attempt_metrics(policy, task, [rows[i] for i in mine], completions, batch_size, accelerator,
+                                    revision_template)
     if corpus:
         done = list(zip(mine, completions))
     else:
@@ -41,3 +45,23 @@ def evaluate(policy, task, split: str, max_prompts: int, batch_size: int, accele
             task.sample_grid(ordered, rows).save(samples_to)
         return task.metrics(ordered, rows) | {"n": float(len(ordered))}
     return {task.metric: sum(done) / max(len(done), 1), "n": float(len(done))}
+
+
+def _two_attempt_metrics(policy, task, rows, first, batch_size, accelerator, template) -> dict[str, float]:
+    """metric (first attempt), metric@t2, delta_t1_t2, and the incorrect->correct / correct->incorrect fractions."""
+    from shared.attempts import revision_row
+
+    second: list = []
+    for s in range(0, len(rows), batch_size):
+        second += policy.complete([revision_row(r, c, template) for r, c in zip(rows[s : s + batch_size],
+                                                                              first[s : s + batch_size])])
+    pairs = list(zip(task.score(first, rows), task.score(second, rows)))
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(pairs)
+    n = max(len(pairs), 1)
+    t1, t2 = sum(p[0] for p in pairs) / n, sum(p[1] for p in pairs) / n
+    return {task.metric: t1, f"{task.metric}@t2": t2, "delta_t1_t2": t2 - t1,
+            "i_to_c": sum(p[0] < p[1] for p in pairs) / n, "c_to_i": sum(p[0] > p[1] for p in pairs) / n,
+            "n": float(len(pairs))}

@@ -30,6 +30,7 @@ from transformers import get_scheduler
 
 from shared.advantages import ADVANTAGES, PerPromptTracker, clip_advantages, compute_advantages, group_stats, zero_std_group_fraction
 from shared.aggregation import StepNorm
+from shared.attempts import two_attempts
 from shared.baselines import build_baseline
 from shared.checkpoint import latest_checkpoint, load_hf_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from shared.config import RunConfig, dump_config, optimizer_steps_per_rollout
@@ -89,7 +90,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
                                                        r.temperature_candidates, seed=cfg.seed)
         acc.print(f"temperature {comps.info['temperature']['temperature']} (probe: {comps.info['temperature']['probe']})")
     objective = OBJECTIVES[a.objective]
-    use_ref = a.beta > 0 or getattr(objective, "uses_reference", False)
+    use_ref = (a.beta > 0 or getattr(objective, "uses_reference", False)
+               or (r.attempts > 1 and a.first_attempt_beta > 0 and a.score_stage1_steps > 0))
     if use_ref:
         policy.build_reference()
     forward_options = getattr(objective, "forward_options", lambda _: {})(a)
@@ -137,10 +139,14 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         acc.print(f"resumed from {last} at step {start_step}")
     if acc.is_main_process:
         dump_config(cfg, run_dir / "config.yaml")
+    def held_out(at_step: int) -> dict[str, float]:  # greedy held-out metrics (both attempts in two-attempt runs)
+        return evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
+                        samples_to=run_dir / "samples" / f"step_{at_step:06d}.png",
+                        revision_template=r.revision_template if r.attempts > 1 else None)
+
     before = state.get("before")
     if before is None:
-        before = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
-                          samples_to=run_dir / "samples" / "step_000000.png")
+        before = held_out(0)
     logger = RunLogger(run_dir, t.steps, start_step, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
                        progress=cfg.logging.progress)
     if start_step == 0:
@@ -293,9 +299,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
         # 7. periodic evaluation and checkpoint
         evaluated = bool(cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps)
         if evaluated:
-            held_out = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
-                                samples_to=run_dir / "samples" / f"step_{step:06d}.png")
-            metrics_out.update({f"eval/{k}": v for k, v in held_out.items()})
+            metrics_out.update({f"eval/{k}": v for k, v in held_out(step).items()})
         if evaluated or step % cfg.logging.every == 0 or step == t.steps:
             logger.log(step, metrics_out)
         if not math.isfinite(metrics_out.get("loss", 0.0)):
@@ -305,8 +309,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
             _checkpoint(acc, cfg, ckpt_dir, step, policy, optimizer, scheduler, sampler, before, tracker, replay, hybrid)
 
     # ---------------------------------------------------------------- final evaluation and summary
-    after = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
-                     samples_to=run_dir / "samples" / f"step_{t.steps:06d}.png")
+    after = held_out(t.steps)
     logger.log(t.steps, {f"eval/{k}": v for k, v in after.items()})
     logger.close()
     summary = {
@@ -384,6 +387,9 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
             res = reward_fn(part.completions, part.fields(), step=step)
             part.rewards, part.components = res.total, res.components
             failures.update(res.failures)
+        if r.attempts == 2:  # SCoRe: a second attempt at every answer, seeing it
+            part, res2 = two_attempts(policy, part, reward_fn, cfg, step, first * G)
+            failures.update(res2.failures)
         if "unique" in getattr(ADVANTAGES.get(cfg.algorithm.advantage), "needs", ()):  # expert iteration's dedup
             part.extras["unique"] = first_in_group(part.completions, part.group_ids)
         if baseline is not None:

@@ -65,6 +65,8 @@ def ppo_clip(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) 
     - clip-higher: separate eps_low / eps_high (DAPO); optional dual clip.
     - KL: with `kl_placement: loss` and beta > 0, beta * k(logp, ref_logp) is added per step and
       aggregated like the surrogate (GRPO eq. 3).
+    - per-sample weights (two-attempt rollouts, shared/attempts.py): `pg_weight` [B] multiplies each
+      sample's advantage and `kl_coef` [B] replaces beta as its KL coefficient.
     - replay: `behaviour_logp` [B, T] (rollout replay) holds log mu of replayed samples and NaN for
       fresh ones; rho = pi_theta / mu with the clip centred on pi_old / mu (`clipped_surrogate`),
       which is the plain surrogate where mu = pi_old.
@@ -78,14 +80,17 @@ def ppo_clip(logp, old_logp, ref_logp, adv, mask, cfg, norm: StepNorm, **batch) 
     ratio = log_ratio.exp()
     center = log_center.exp() if behaviour is not None else 1.0
     a = adv.to(ratio.dtype)
+    if "pg_weight" in batch:
+        a = a * (batch["pg_weight"].to(a) if a.dim() == 1 else batch["pg_weight"].to(a).unsqueeze(-1))
     a = a.unsqueeze(-1) if a.dim() == 1 else a  # [B] per sequence or [B, T] per token (advantage: per_step)
     per_step = clipped_surrogate(ratio, a, cfg.eps_low, cfg.eps_high, cfg.dual_clip, center)
 
     metrics: Metrics = {}
-    if ref_logp is not None and cfg.beta > 0:
+    coef = batch["kl_coef"].to(ratio.dtype).unsqueeze(-1) if "kl_coef" in batch else cfg.beta
+    if ref_logp is not None and (cfg.beta > 0 or "kl_coef" in batch):
         kl = kl_penalty(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp)
         if cfg.kl_placement == "loss":
-            per_step = per_step + cfg.beta * kl
+            per_step = per_step + coef * kl
         metrics["kl_ref"] = aggregate(kl.detach(), mask, "token_mean", norm)
 
     loss = aggregate(per_step, mask, cfg.loss_agg, norm)
