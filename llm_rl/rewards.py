@@ -467,3 +467,43 @@ def overlong(max_len: int, cache_len: int, factor: float = 1.0, unit: str = "tok
         return [one(n) for n in lengths]
 
     return reward
+
+
+# --------------------------------------------------------------------------------------------
+# exploration (RLSP, METHODS.md B.13)
+# --------------------------------------------------------------------------------------------
+
+
+def reasoning_steps(text: str, delimiter: str = "\n") -> int:
+    """Distinct non-empty steps of the reasoning: the text inside <think>...</think> when present (else
+    all of it) split at `delimiter`, stripped; a repeated step counts once, so padding by copying
+    earns nothing."""
+    m = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
+    body = m.group(1) if m else text
+    return len({s.strip() for s in body.split(delimiter) if s.strip()})
+
+
+@register_reward("exploration")
+def exploration(target: int = 16, unit: str = "steps", delimiter: str = "\n"):
+    """RLSP's exploration reward (Ye et al. 2025, arXiv 2502.06773) [APPROX]: min(count / target, 1),
+    decoupled from correctness, where count is the number of distinct reasoning steps (`reasoning_steps`)
+    or the completion's tokens (`unit="tokens"`, from the field `completion_length`).
+
+    The paper gives r = alpha * verifier + (1 - alpha) * r_explore without the exact r_explore: combine it
+    with a verifier through the rewards' weights (e.g. 0.8 / 0.2); the verifier term is what keeps
+    longer reasoning from being rewarded for its own sake.
+    """
+    if isinstance(target, bool) or not isinstance(target, int) or target <= 0:
+        raise ValueError(f"exploration: target must be a positive integer, got {target!r}")
+    if unit not in ("steps", "tokens"):
+        raise ValueError(f"exploration: unit must be 'steps' or 'tokens', got {unit!r}")
+    if not isinstance(delimiter, str) or not delimiter:
+        raise ValueError(f"exploration: delimiter must be a non-empty string, got {delimiter!r}")
+
+    def reward(completions: list[str], **fields: list) -> list[float | None]:
+        if unit == "tokens":
+            lengths = reward_field(fields, "completion_length", len(completions), "exploration")
+            return [min(float(n) / target, 1.0) if isinstance(n, (int, float)) and n >= 0 else None for n in lengths]
+        return [min(reasoning_steps(t, delimiter) / target, 1.0) if isinstance(t, str) else None for t in completions]
+
+    return reward

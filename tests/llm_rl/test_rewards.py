@@ -375,3 +375,28 @@ def test_one_megabyte_inputs_are_fast(name, kwargs):
         elapsed = time.perf_counter() - t0
         assert elapsed < 2.0, f"{name}{kwargs} took {elapsed:.2f}s on {text[:20]!r}..."
         assert len(out) == 1
+
+
+# ------------------------------------------------------------------ exploration (RLSP)
+
+def test_reasoning_steps_counts_distinct_non_empty_steps():
+    from llm_rl.rewards import reasoning_steps
+
+    assert reasoning_steps("a\nb\n\n c \n") == 3
+    assert reasoning_steps("a\na\na\nb") == 2  # copies earn nothing
+    assert reasoning_steps("<think>x\ny</think>\n<answer>1\n2\n3</answer>") == 2  # only the reasoning counts
+    assert reasoning_steps("") == 0
+    assert reasoning_steps("s1; s2; s1", delimiter=";") == 2
+
+
+def test_exploration_reward_by_hand():
+    from shared.rewards import REWARDS
+
+    r = REWARDS["exploration"](target=4)
+    assert r(["a\nb", "a\nb\nc\nd\ne\nf", "", None]) == [0.5, 1.0, 0.0, None]
+    t = REWARDS["exploration"](target=10, unit="tokens")
+    assert t(["x", "y", "z"], completion_length=[5, 20, -1]) == [0.5, 1.0, None]
+    with pytest.raises(ValueError, match="exploration: target"):
+        REWARDS["exploration"](target=0)
+    with pytest.raises(ValueError, match="exploration: unit"):
+        REWARDS["exploration"](unit="words")
