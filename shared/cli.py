@@ -7,6 +7,8 @@
                                                      diffusion RLG sweep: base + w (RL - base) -> grid, rewards, plot
     rlft mixture CONFIG [pilots=N] [out=DIR]         MoDoMoDo over the datasets named in sampler.weights:
                                                      pilot runs, quadratic surrogate, run at its optimum
+    rlft split CONFIG [rollouts=8] [sft_below=0.125] [drop_solved=false] [prompts=N] [out=DIR]
+                                                     measure train pass rates, split hard -> sft.jsonl, rest -> rl.jsonl
     rlft analyze CONFIG base=PATH|warmup tuned=PATH|latest [what=weights,tokens,tuco,diversity] [prompts=64]
                                                      weight-space, token-JS (+ cross-sampling), TuCo and
                                                      diversity comparison -> analysis.json + plots
@@ -199,6 +201,28 @@ def cmd_mixture(args) -> int:
     return 0 if record else 1
 
 
+def cmd_split(args) -> int:
+    """DeReason-style split of the train prompts by the policy's measured pass rate (shared/difficulty.py)."""
+    overrides, special = _split_special(args.overrides, ("rollouts", "sft_below", "drop_solved", "prompts", "out"))
+    cfg = load_config(args.config, overrides)
+    try:
+        rollouts, sft_below = int(special.get("rollouts", 8)), float(special.get("sft_below", 0.125))
+        limit = int(special["prompts"]) if "prompts" in special else None
+    except ValueError:
+        raise UserError("rollouts and prompts are integers, sft_below a number, e.g. rollouts=8 sft_below=0.125") from None
+    drop = special.get("drop_solved", "false").lower()
+    if drop not in ("true", "false"):
+        raise UserError(f"drop_solved={special['drop_solved']!r}: expected true or false")
+    from shared.difficulty import measure_and_split
+
+    out = Path(special.get("out", cfg.run_dir / "split"))
+    record = measure_and_split(cfg, rollouts, sft_below, drop == "true", limit, out)
+    if record:
+        print(f"{record['prompts']} prompts (mean pass rate {record['mean_pass_rate']:.3f}): {record['sft']} -> "
+              f"{out / 'sft.jsonl'}, {record['rl']} -> {out / 'rl.jsonl'}, {record['dropped']} dropped")
+    return 0
+
+
 def cmd_validate(args) -> int:
     import yaml
 
@@ -214,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("eval", cmd_eval, "evaluate a checkpoint on the held-out split"),
                             ("validate", cmd_validate, "check a config and print it resolved"),
                             ("sample", cmd_sample, "diffusion: RL-guidance sweep between the base and a checkpoint"),
+                            ("split", cmd_split, "split the train prompts by measured difficulty into SFT and "
+                             "RL files"),
                             ("mixture", cmd_mixture, "MoDoMoDo: pilot runs over dataset mixtures, surrogate fit, "
                              "best predicted mixture"),
                             ("analyze", cmd_analyze, "compare a base and a tuned checkpoint: weights, token JS, TuCo, "
