@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/bench_diffusion.py
 	$(PY) benchmarks/bench_sandbox.py
 	$(PY) benchmarks/bench_packing.py
+	$(PY) benchmarks/bench_vlm_rollout.py
 
 clean:
 	rm -rf runs/.cache

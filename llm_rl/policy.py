@@ -167,6 +167,18 @@ def completion_vocab_kl(hidden: Tensor, ref_hidden: Tensor, mask: Tensor, head: 
     return hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, flat)
 
 
+def rollout_generation_config(max_new_tokens: int, eos_ids: list[int], pad_id: int,
+                              suppress_ids: list[int]) -> GenerationConfig:
+    """Greedy `generate` over our own logits processors (sampling is CounterSamplingProcessor's), with every
+    option that would change the logits set to its neutral value: `generate` fills the fields we leave
+    unset from the checkpoint's generation_config.json (Qwen2.5-Instruct ships repetition_penalty 1.05),
+    and the rollout must sample from exactly the softmax(z / T) that `log_probs` scores."""
+    return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                            use_cache=True, suppress_tokens=suppress_ids or None, repetition_penalty=1.0,
+                            encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+                            min_new_tokens=0, temperature=1.0, top_p=1.0, renormalize_logits=False)
+
+
 def completion_mask(completion_ids: Tensor, eos_ids: list[int]) -> Tensor:
     """1 for tokens up to and including the first EOS (or all tokens when none), else 0."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
@@ -257,8 +269,11 @@ class CausalLMPolicy:
         texts = self.tokenizer.batch_decode(torch.cat([p["input_ids"][:, keep - cut:], comp], 1), skip_special_tokens=True)
         return texts, (mask.sum(-1) + cut).tolist()
 
-    def _generate(self, p: dict[str, Tensor], seed: int | None, first_sample_id: int, max_new_tokens: int):
-        """(completion ids padded after EOS, mask, texts, stats) of `generate` from left-padded inputs `p`."""
+    def _generate(self, p: dict[str, Tensor], seed: int | None, first_sample_id: int, max_new_tokens: int,
+                  run=None):
+        """(completion ids padded after EOS, mask, texts, stats) of `generate` from left-padded inputs `p`.
+        `run(model, generation_config, logits_processor) -> sequences` replaces the plain `model.generate`
+        call (the VLM policy shares each prompt's prefill across its samples)."""
         model = hf_model(self.unwrap(self.module).model)
         device = p["input_ids"].device
         B, Lp = p["input_ids"].shape
@@ -266,13 +281,14 @@ class CausalLMPolicy:
         if seed is not None:
             ids = torch.arange(first_sample_id, first_sample_id + B, device=device)
             procs.append(CounterSamplingProcessor(seed, ids, Lp, self.temperature, self.top_k, self.top_p))
-        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
-                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
-                                   suppress_tokens=self.suppress_ids or None)
+        gen_cfg = rollout_generation_config(max_new_tokens, self.eos_ids, self.pad_id, self.suppress_ids)
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        out = model.generate(**self.generation_inputs(p), generation_config=gen_cfg, logits_processor=procs)
+        if run is None:
+            out = model.generate(**self.generation_inputs(p), generation_config=gen_cfg, logits_processor=procs)
+        else:
+            out = run(model, gen_cfg, procs)
         dt = time.perf_counter() - t0
         model.train(was_training)
         comp = out[:, Lp:]

@@ -7,6 +7,9 @@ image inputs:
 - each row's message ({"image": PIL image or path, min/max_pixels} + the prompt) goes through
   `qwen_vl_utils.process_vision_info` (smart_resize to multiples of 28 within [min_pixels, max_pixels])
   and the model's processor ONCE per prompt; the group of G samples reuses those pixel tensors;
+- rollout with G > 1 runs the vision tower and the prompt prefill once per prompt and decodes the G samples
+  from the shared KV cache (vision_rl/generation.py): the same tokens as generating from G copies of the
+  prompt, without G-fold vision and prefill compute (`share_prefill=False` restores the per-sample path);
 - rollout inputs keep, per sample, `pixel_values` [B, N_patches, D] (zero-padded), `image_grid_thw`
   [B, 3], `mm_token_type_ids` [B, L] and an `image_key` [B] naming the distinct image;
 - log-probs run the vision tower once per DISTINCT image of a micro-batch (`image_key`) and hand the
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from llm_rl.policy import CausalLMPolicy, LMForward, hf_model
+from vision_rl.generation import generate_shared_prefill
 
 
 class VLMForward(LMForward):
@@ -54,8 +58,9 @@ class VLMPolicy(CausalLMPolicy):
     """Implements the Policy contract (shared/policy.py) for image + text prompts."""
 
     def __init__(self, model: nn.Module, processor, min_pixels: int = 3136, max_pixels: int = 401408,
-                 max_prompt_length: int = 2048, **kw):
+                 max_prompt_length: int = 2048, share_prefill: bool = True, **kw):
         super().__init__(model, processor.tokenizer, **kw)
+        self.share_prefill = share_prefill  # n > 1: one vision + prefill pass per prompt (False: per sample)
         self.module = VLMForward(model, self.temperature, self.module.chunk_size,
                                  logprob_backend=self.module.logprob_backend)
         self.processor = processor
@@ -112,6 +117,24 @@ class VLMPolicy(CausalLMPolicy):
         return {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"],
                 "mm_token_type_ids": prompt["mm_token_type_ids"], "pixel_values": pv,
                 "image_grid_thw": prompt["image_grid_thw"]}
+
+    @torch.no_grad()
+    def generate(self, rows: list[dict], n: int = 1, seed: int | None = None, first_sample_id: int = 0,
+                 max_new_tokens: int | None = None) -> tuple[dict[str, Tensor], Tensor, list[str], dict]:
+        """n completions per row, as CausalLMPolicy.generate (same tokens, same rollout inputs); with n > 1 and
+        `share_prefill` the vision tower and the prompt prefill run once per row, not once per sample."""
+        if n == 1 or not self.share_prefill:
+            return super().generate(rows, n, seed, first_sample_id, max_new_tokens)
+        device = next(self.module.parameters()).device
+        enc = self.encode_rows(rows, device)
+        p = {k: v.repeat_interleave(n, 0) for k, v in enc.items()}  # the rollout stores per-sample inputs
+
+        def share(model, gen_cfg, procs):  # one prefill per row, expanded to its n samples
+            return generate_shared_prefill(model, self.generation_inputs(enc), n, gen_cfg, procs)
+
+        comp, mask, texts, stats = self._generate(p, seed, first_sample_id, max_new_tokens or self.max_new_tokens,
+                                                  run=share)
+        return self.append_completion(p, comp, mask), mask, texts, stats
 
     def save_pretrained(self, path) -> None:
         self.unwrap(self.module).model.save_pretrained(path, safe_serialization=True)

@@ -402,3 +402,21 @@ def test_sft_step_fits_the_untempered_distribution(tok):
     logits = policy.module.model(**batch.inputs).logits[:, -batch.mask.shape[1] - 1 : -1].float()
     nll = -torch.log_softmax(logits, -1).gather(-1, batch.inputs["input_ids"][:, -batch.mask.shape[1]:, None])[..., 0]
     torch.testing.assert_close(losses[0], (nll * batch.mask).sum() / batch.mask.sum(), atol=1e-5, rtol=0)
+
+
+def test_checkpoint_generation_config_does_not_change_rollouts():
+    """generate fills unset fields from the model's generation_config.json; a repetition penalty there
+    would make the rollout sample from a distribution that log_probs does not score."""
+    from llm_rl.policy import CausalLMPolicy
+    from llm_rl.tasks.arithmetic import ArithmeticTaskConfig, build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_model(ArithmeticTaskConfig(hidden_size=32, num_layers=1, num_heads=2), tok)
+    rows = [{"prompt": "12+34="}, {"prompt": "7+5="}]
+    policy = CausalLMPolicy(model, tok, max_new_tokens=6)
+    clean = policy.generate(rows, n=3, seed=1)[2], policy.complete(rows)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.min_new_tokens = 5
+    assert (policy.generate(rows, n=3, seed=1)[2], policy.complete(rows)) == clean

@@ -37,6 +37,8 @@ def _sharp_model(tok, family):
     """A tiny model whose logits depend on its inputs (non-embedding matrices x8, see the module docstring)."""
     torch.manual_seed(0)
     model = build_model(tok, family, **MODEL)
+    text = model.config.text_config
+    assert sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads // 2
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed_tokens" not in name:
@@ -121,29 +123,34 @@ def test_one_new_token(tok, family):
     assert a.mask.shape == (len(ROWS) * N, 1)
 
 
+def _counted_sample(policy):
+    """(rollout, images per vision-tower call, (batch, length) of each language-model forward)."""
+    core = policy.module.model.model
+    vision_calls, lm_inputs = [], []
+    hooks = [
+        core.visual.register_forward_hook(
+            lambda mod, args, kwargs, out: vision_calls.append(len(kwargs["grid_thw"])), with_kwargs=True),
+        core.language_model.register_forward_hook(
+            lambda mod, args, kwargs, out: lm_inputs.append(tuple(kwargs["inputs_embeds"].shape[:2])),
+            with_kwargs=True),
+    ]
+    try:
+        return _sample(policy, 0), vision_calls, lm_inputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vision_tower_and_prefill_run_once_per_prompt(tok, family):
     P = len(ROWS)
-    for policy, images, prefill_rows in zip(_pair(tok, family), (P, N * P), (P, N * P)):
-        core = policy.module.model.model
-        vision_calls, lm_inputs = [], []
-        hooks = [
-            core.visual.register_forward_hook(
-                lambda mod, args, kwargs, out: vision_calls.append(len(kwargs["grid_thw"])), with_kwargs=True),
-            core.language_model.register_forward_hook(
-                lambda mod, args, kwargs, out: lm_inputs.append(tuple(kwargs["inputs_embeds"].shape[:2])),
-                with_kwargs=True),
-        ]
+    for policy, rows_encoded in zip(_pair(tok, family), (P, N * P)):  # shared prefill, then per sample
         before = policy.processor_calls
-        try:
-            r = _sample(policy, 0)
-        finally:
-            for h in hooks:
-                h.remove()
+        r, vision_calls, lm_inputs = _counted_sample(policy)
         assert policy.processor_calls - before == P
-        assert vision_calls == [images]  # one vision forward: P images shared, N * P when per sample
+        assert vision_calls == [rows_encoded]  # one vision forward: the P images once, or N * P images
         Lp = r.inputs["input_ids"].shape[1] - r.mask.shape[1]
-        assert lm_inputs[0] == (prefill_rows, Lp)  # one prefill of the whole prompt
+        assert lm_inputs[0] == (rows_encoded, Lp)  # one prefill of the whole prompt, P or N * P rows
         assert set(lm_inputs[1:]) == {(N * P, 1)}  # then one token per sample per step
         assert len(lm_inputs) == r.mask.shape[1]
 
