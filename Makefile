@@ -35,13 +35,18 @@ demo: install
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Speed/memory ratios against baselines measured in the same run (tables printed, JSON in benchmarks/results/).
+# Speed/memory ratios against baselines measured in the same run (tables printed, JSON in benchmarks/results/),
+# then the README's benchmark table regenerated from those JSONs. bench_grpo_step.py compares with TRL, a
+# benchmark-only dependency (pip install -e '.[bench]'); without it that row says "skipped".
 bench: install
 	$(PY) benchmarks/bench_logprobs.py
 	$(PY) benchmarks/bench_diffusion.py
 	$(PY) benchmarks/bench_sandbox.py
 	$(PY) benchmarks/bench_packing.py
+	$(PY) benchmarks/bench_grpo_step.py
+	$(PY) benchmarks/bench_rollout.py
 	$(PY) benchmarks/bench_vlm_rollout.py
+	$(PY) scripts/bench_readme.py
 
 clean:
 	rm -rf runs/.cache

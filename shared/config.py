@@ -206,16 +206,17 @@ class SamplerConfig(Strict):
 class HybridConfig(Strict):
     """SFT steps interleaved with RL on the questions no sample solved (shared/hybrids.py)."""
 
-    name: Literal["none", "relift", "regft"] = Field(
+    name: Literal["none", "relift", "regft", "int"] = Field(
         "none", description="relift: SFT on the stored demonstrations of hard questions (ReLIFT); regft: on the "
-        "policy's own solutions written from a partial reference solution (ReGFT)")
+        "policy's own solutions written from a partial reference solution (ReGFT); int: on its failed attempt "
+        "re-written from the first wrong step (InT)")
     sft_batch: int = Field(128, gt=0, description="hard questions per SFT step (ReLIFT: 128); the step runs once the "
                            "buffer holds this many, on the newest")
     sft_lr: float = Field(1e-6, gt=0, description="learning rate of the SFT step's own AdamW (ReLIFT: 1e-6)")
     buffer_size: int = Field(1024, gt=0, description="hard questions kept (newest)")
     hint_frac: float = Field(0.5, gt=0, lt=1, description="regft: share of the reference solution given as the start "
                              "of the answer")
-    hint_samples: int = Field(4, gt=0, description="regft: continuations sampled per hard question")
+    hint_samples: int = Field(4, gt=0, description="regft / int: continuations sampled per hard question")
 
 
 class OptimConfig(Strict):

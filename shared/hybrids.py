@@ -14,6 +14,11 @@ The SFT and RL losses are never mixed in one loss.
   answer) `hint_samples` times, and the first continuation the reward functions accept becomes the
   demonstration, so the model learns from a solution written in its own words. [APPROX: the hint
   is a prefix of the reference answer given as the start of the completion; no authors' code.]
+- InT (intervention training) repairs the policy's own failed attempt: the task locates its first
+  wrong step (`task.first_error(completion, row)`, a character offset), the policy re-writes from
+  there `hint_samples` times, and the first continuation that passes is the demonstration: the
+  model's correct steps, a corrected step, and its own continuation. [APPROX: the step is checked by
+  the task's verifier rather than proposed and judged by the model itself.]
 
 Every process holds the same buffer (hard items are gathered from all processes in process order)
 and trains on its share of each SFT batch, so the SFT steps do not depend on the process layout;
@@ -46,28 +51,36 @@ def nll_token_mean(logp: Tensor, mask: Tensor, total_tokens: float) -> Tensor:
 
 
 class HybridSFT:
-    """The buffer and the interleaved SFT step of ReLIFT / ReGFT (`hybrid.name`)."""
+    """The buffer and the interleaved SFT step of ReLIFT / ReGFT / InT (`hybrid.name`)."""
 
-    def __init__(self, hcfg, policy, reward_fn, threshold: float, seed: int):
-        self.cfg, self.policy, self.reward_fn = hcfg, policy, reward_fn
+    def __init__(self, hcfg, policy, reward_fn, threshold: float, seed: int, task=None):
+        if hcfg.name == "int" and not hasattr(task, "first_error"):
+            raise ValueError("hybrid.name 'int': the task must locate a completion's first wrong step "
+                             "(task.first_error); the embedded arithmetic task does")
+        self.cfg, self.policy, self.reward_fn, self.task = hcfg, policy, reward_fn, task
         self.threshold, self.seed = threshold, seed
         self.buffer: list[dict] = []  # rows with the demonstration in "completion", oldest first
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=hcfg.sft_lr)
         self.sft_steps = 0
 
     # ------------------------------------------------------------------ collecting hard questions
-    def demonstrations(self, rows: list[dict], step: int) -> list[dict]:
-        """Hard `rows` paired with a solution (ReLIFT: their own; ReGFT: a hinted continuation that passes)."""
+    def demonstrations(self, rows: list[dict], step: int, failed: list[str] | None = None) -> list[dict]:
+        """Hard `rows` paired with a solution: ReLIFT their own; ReGFT a passing continuation of half the
+        reference; InT a passing continuation of `failed` (one failed attempt per row) from its first error."""
         if self.cfg.name == "relift":
             return [dict(r) for r in rows]
-        return self._hinted(rows, step)
+        if self.cfg.name == "regft":
+            hints = [r["completion"][: max(1, math.floor(len(r["completion"]) * self.cfg.hint_frac))] for r in rows]
+        else:
+            hints = [c[: self.task.first_error(c, r)] for c, r in zip(failed, rows)]
+        return self._hinted(rows, hints, step)
 
     @torch.no_grad()
-    def _hinted(self, rows: list[dict], step: int) -> list[dict]:
+    def _hinted(self, rows: list[dict], hints: list[str], step: int) -> list[dict]:
+        """For each row, the first of `hint_samples` continuations of its hint that the rewards accept."""
         if not rows:
             return []
         n = self.cfg.hint_samples
-        hints = [r["completion"][: max(1, math.floor(len(r["completion"]) * self.cfg.hint_frac))] for r in rows]
         batch = self.policy.rollout_from(rows, [[h] for h in hints], 0)
         cuts = (batch.mask.sum(-1) - 1).tolist()  # hint tokens (the appended EOS is not part of the hint)
         out: list[dict | None] = [None] * len(rows)

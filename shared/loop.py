@@ -105,7 +105,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     if cfg.hybrid.name != "none":  # ReLIFT / ReGFT: SFT on hard questions between RL steps
         if any("completion" not in row for row in train_rows[:1]):
             raise ValueError(f"hybrid.name {cfg.hybrid.name!r}: train rows need a reference solution in 'completion'")
-        hybrid = HybridSFT(cfg.hybrid, policy, reward_fn, a.positive_threshold, cfg.seed)
+        hybrid = HybridSFT(cfg.hybrid, policy, reward_fn, a.positive_threshold, cfg.seed, task)
     tracker = (PerPromptTracker(a.tracker_buffer, a.tracker_min_count, a.adv_eps)
                if a.advantage == "per_prompt_tracker" else None)
 
@@ -239,10 +239,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         if hybrid is not None:  # hard questions of this step (fresh groups only) -> buffer -> maybe one SFT step
             fresh_n = n_fresh if replay is not None else len(rollout)
-            hard = [rollout.rows[i] for i in hard_groups(rollout.rewards[:fresh_n].cpu(), rollout.group_ids[:fresh_n].cpu(),
-                                                          a.positive_threshold)]
-            demos = hybrid.demonstrations([{k: v for k, v in row.items() if k != "completion_length"} for row in hard],
-                                          step)
+            hard = hard_groups(rollout.rewards[:fresh_n].cpu(), rollout.group_ids[:fresh_n].cpu(), a.positive_threshold)
+            demos = hybrid.demonstrations([{k: v for k, v in rollout.rows[i].items() if k != "completion_length"}
+                                           for i in hard], step, [rollout.completions[i] for i in hard])
             for part in (gather_object([demos]) if acc.num_processes > 1 else [demos]):
                 hybrid.add(part)
             hybrid_metrics = hybrid.maybe_step(acc)

@@ -194,6 +194,18 @@ class ArithmeticTask:
     def split(self, name: str) -> list[dict]:
         return self._splits[name]
 
+    def first_error(self, completion: str, row: dict) -> int:
+        """Character offset where `completion` first goes wrong (InT): with a scratchpad, the start of the first
+        step that differs from the reference's step, else of the final answer; answers alone: 0."""
+        if self.cfg.format != "scratchpad":
+            return 0
+        pos = 0
+        for got, want in zip(completion.split(" "), row["completion"].split(" ")):
+            if got != want:
+                return pos
+            pos += len(got) + 1
+        return min(pos, len(completion))
+
     def score(self, completions: list[str], rows: list[dict]) -> list[float]:
         """1.0 for the exact answer: the whole completion, or with a scratchpad its last space-separated part."""
         final = (lambda c: c.strip().split(" ")[-1]) if self.cfg.format == "scratchpad" else (lambda c: c.strip())

@@ -39,3 +39,16 @@ def test_categories_by_shorter_operand():
         assert row["category"] == f"shorter={min(len(a), len(b))}"
     # the problems themselves do not depend on how they are categorised
     assert [r["prompt"] for r in t.split("train")] == [r["prompt"] for r in _task().split("train")]
+
+
+def test_first_error_offsets():
+    t = _task(format="scratchpad")
+    row = {"completion": scratchpad(1234, 5678)}
+    right = row["completion"]
+    assert right[: t.first_error(right, row)] == right
+    wrong_step = "4+8=12 3+7+1=12 2+6+1=9 1+5=6 6912"
+    assert wrong_step[: t.first_error(wrong_step, row)] == "4+8=12 "
+    wrong_sum = "4+8=12 3+7+1=11 2+6+1=9 1+5=6 6913"
+    assert wrong_sum[: t.first_error(wrong_sum, row)] == "4+8=12 3+7+1=11 2+6+1=9 1+5=6 "
+    assert t.first_error("", row) == 0
+    assert _task().first_error("123", {"completion": "124"}) == 0  # an answer alone is one step

@@ -130,3 +130,28 @@ def test_hybrid_config_errors(tmp_path):
                                          task={"offline": "demos"}), "t")
     with pytest.raises(ConfigError, match="hybrid.name"):
         validate_config(tiny_config_dict(tmp_path, hybrid={"name": "sft"}), "t")
+
+
+def test_int_rewrites_a_failed_attempt_from_its_first_wrong_step(tmp_path):
+    from llm_rl.tasks.arithmetic import ArithmeticTask, ArithmeticTaskConfig
+
+    cfg = validate_config(tiny_config_dict(tmp_path, task={"format": "scratchpad"}), "t")
+    comps = build_components(cfg, Accelerator(cpu=True))
+    task = comps.task
+    rows = [dict(r) for r in task.split("train")[:3]]
+    steps = [r["completion"].split(" ") for r in rows]
+    failed = [" ".join(s[:1] + ["9+9=99"] + s[2:]) if len(s) > 2 else "0+0=1 7" for s in steps]
+
+    def accept(completions, fields, step=None):  # every continuation passes: the test is about the prefix kept
+        return SimpleNamespace(total=torch.ones(len(completions)))
+
+    h = HybridSFT(_hcfg(name="int", hint_samples=2), comps.policy, accept, 0.5, seed=0, task=task)
+    demos = h.demonstrations(rows, step=1, failed=failed)
+    assert len(demos) == 3
+    for d, f, r in zip(demos, failed, rows):
+        keep = f[: task.first_error(f, r)]
+        assert keep == (r["completion"].split(" ")[0] + " " if len(r["completion"].split(" ")) > 2 else "")
+        assert d["completion"].startswith(keep) and d["prompt"] == r["prompt"]
+    with pytest.raises(ValueError, match="task.first_error"):
+        HybridSFT(_hcfg(name="int"), comps.policy, accept, 0.5, seed=0, task=object())
+    assert isinstance(task, ArithmeticTask) and ArithmeticTaskConfig  # the embedded task implements first_error
