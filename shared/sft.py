@@ -27,11 +27,14 @@ from shared.evaluate import evaluate
 
 def warmup_key(cfg) -> str:
     """Hash of what determines the warm start. Task fields a schema lists in `WARMUP_NEUTRAL` (e.g. which
-    offline data the RL stage trains on) do not change the warm-up, so they are left out of the hash."""
+    offline data the RL stage trains on) do not change the warm-up, so they are left out of the hash; fields
+    in `WARMUP_ADDED` (added to a schema later, name -> the default that reproduces the earlier behaviour)
+    count only when set to something else, so adding a field does not invalidate every cached warm start."""
     from shared.config import TASK_SCHEMAS
 
-    neutral = getattr(TASK_SCHEMAS.get(cfg.task.get("name")), "WARMUP_NEUTRAL", ())
-    task = {k: v for k, v in cfg.task.items() if k not in neutral}
+    schema = TASK_SCHEMAS.get(cfg.task.get("name"))
+    neutral, added = getattr(schema, "WARMUP_NEUTRAL", ()), getattr(schema, "WARMUP_ADDED", {})
+    task = {k: v for k, v in cfg.task.items() if k not in neutral and not (k in added and v == added[k])}
     blob = json.dumps({"model": cfg.model.name_or_path, "task": task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"}),
                        "seed": cfg.seed, "max_new_tokens": cfg.rollout.max_new_tokens}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

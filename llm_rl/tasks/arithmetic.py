@@ -36,6 +36,7 @@ CHARS = list("0123456789+-*=() ")
 @register_task_schema("arithmetic")
 class ArithmeticTaskConfig(Strict):
     WARMUP_NEUTRAL: ClassVar[tuple[str, ...]] = ("offline", "offline_correct_frac", "category_by")  # RL-stage only
+    WARMUP_ADDED: ClassVar[dict[str, object]] = {"format": "answer"}  # see shared.sft.warmup_key
 
     name: Literal["arithmetic"] = "arithmetic"
     digits: int = Field(3, gt=0, le=9, description="operands are drawn from [0, 10**digits)")

@@ -52,3 +52,15 @@ def test_first_error_offsets():
     assert wrong_sum[: t.first_error(wrong_sum, row)] == "4+8=12 3+7+1=11 2+6+1=9 1+5=6 "
     assert t.first_error("", row) == 0
     assert _task().first_error("123", {"completion": "124"}) == 0  # an answer alone is one step
+
+
+def test_warmup_key_ignores_rl_only_fields_and_later_fields_at_their_default():
+    from shared.config import load_config
+    from shared.sft import warmup_key
+    from tests.helpers.tiny import ROOT
+
+    path = ROOT / "configs/llm/arithmetic_grpo.yaml"
+    key = warmup_key(load_config(path))
+    assert warmup_key(load_config(path, ["task.format=answer", "task.category_by=shorter_operand"])) == key
+    assert warmup_key(load_config(path, ["task.format=scratchpad"])) != key
+    assert warmup_key(load_config(path, ["task.digits=3"])) != key
