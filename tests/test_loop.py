@@ -239,21 +239,29 @@ DOTS = {"sampler": {"name": "dots", "dots_every": 2, "dots_reference": 8, "dots_
         "rollout": {"replay_buffer": 4, "replay_fresh_frac": 0.5}}
 
 
-def test_resume_with_dots_and_replay_matches_uninterrupted_run(tmp_path, monkeypatch):
-    """DOTS selection state and the replay buffer are checkpointed: a crash and resume changes nothing."""
-    _train(tiny_config_dict(tmp_path, name="full", **DOTS))
-    crash_on_sample(monkeypatch, at=5)  # step 1: 2 reference chunks + 1 batch; step 2: 1; step 3 crashes
+def _crash_and_resume_match(tmp_path, monkeypatch, crash_at: int, **over) -> list[dict]:
+    """Train 4 steps straight, and again with a crash at the `crash_at`-th sampling call and a resume from the
+    step-2 checkpoint; the weights and metrics must be identical. Returns the metric rows."""
+    _train(tiny_config_dict(tmp_path, name="full", **over))
+    crash_on_sample(monkeypatch, at=crash_at)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_config_dict(tmp_path, name="crash", **DOTS))
+        _train(tiny_config_dict(tmp_path, name="crash", **over))
     monkeypatch.undo()
     crash_dir = tmp_path / "runs" / "crash"
     assert [p.name for p in (crash_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_000002"]
-    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, **DOTS))
+    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, **over))
     a, b = _weights(tmp_path / "runs" / "full", 4), _weights(crash_dir, 4)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     rows = _metrics(tmp_path / "runs" / "full")
     assert rows == _metrics(crash_dir)
+    return rows
+
+
+def test_resume_with_dots_and_replay_matches_uninterrupted_run(tmp_path, monkeypatch):
+    """DOTS selection state and the replay buffer are checkpointed: a crash and resume changes nothing."""
+    # sampling calls: step 1 = 2 reference chunks + 1 batch, step 2 = 1, so the 5th is step 3's first
+    rows = _crash_and_resume_match(tmp_path, monkeypatch, 5, **DOTS)
     steps = [r for r in rows if "loss" in r]
     assert [r["replay/groups"] for r in steps] == [0.0, 2.0, 2.0, 2.0]  # half of 4 prompts once the buffer fills
     assert all(0.0 <= r["sampler/dots_ref_pass_mean"] <= 1.0 for r in steps)
@@ -288,17 +296,5 @@ def test_replay_stores_the_sampling_policys_log_probs(tmp_path):
 
 def test_resume_with_relift_matches_uninterrupted_run(tmp_path, monkeypatch):
     """The hard-question buffer and the SFT optimizer are checkpointed."""
-    over = {"hybrid": {"name": "relift", "sft_batch": 2, "sft_lr": 1e-3}}
-    _train(tiny_config_dict(tmp_path, name="full", **over))
-    crash_on_sample(monkeypatch, at=3)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tiny_config_dict(tmp_path, name="crash", **over))
-    monkeypatch.undo()
-    crash_dir = tmp_path / "runs" / "crash"
-    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, **over))
-    a, b = _weights(tmp_path / "runs" / "full", 4), _weights(crash_dir, 4)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    rows = _metrics(tmp_path / "runs" / "full")
-    assert rows == _metrics(crash_dir)
+    rows = _crash_and_resume_match(tmp_path, monkeypatch, 3, hybrid={"name": "relift", "sft_batch": 2, "sft_lr": 1e-3})
     assert any(r.get("hybrid/sft_steps", 0) > 0 for r in rows)
