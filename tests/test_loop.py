@@ -61,19 +61,24 @@ def test_quickstart_smoke_changes_parameters_and_logs_finite_metrics(tmp_path):
     assert saved["algorithm"]["beta"] == 0.04 and saved["task"]["digits"] == 2
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "sec"])
+SAMPLERS = {"uniform": {"name": "uniform"}, "sec": {"name": "sec"},
+            "mixture": {"name": "mixture", "weights": {"add": 1.0}}}  # arithmetic rows' dataset is "add"
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, sampler):
-    full = tiny_config_dict(tmp_path, name="full", sampler={"name": sampler})
+    sampler = SAMPLERS[sampler]
+    full = tiny_config_dict(tmp_path, name="full", sampler=sampler)
     _train(full)
 
-    crash = tiny_config_dict(tmp_path, name="crash", sampler={"name": sampler})
+    crash = tiny_config_dict(tmp_path, name="crash", sampler=sampler)
     crash_on_sample(monkeypatch, at=3)
     with pytest.raises(KeyboardInterrupt):
         _train(crash)
     monkeypatch.undo()
     crash_dir = tmp_path / "runs" / "crash"
     assert [p.name for p in (crash_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_000002"]
-    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, sampler={"name": sampler}))
+    _train(tiny_config_dict(tmp_path, name="crash", checkpoint={"resume": True}, sampler=sampler))
 
     a, b = _weights(tmp_path / "runs" / "full", 4), _weights(crash_dir, 4)
     for k in a:
