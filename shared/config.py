@@ -325,8 +325,8 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _hybrid_batch(self) -> "RunConfig":
-        if self.hybrid.name != "none" and self.rollout.source != "online":
-            raise ValueError("hybrid.name: interleaved SFT on hard questions needs online sampling")
+        if self.hybrid.name != "none" and (self.rollout.source != "online" or self.rollout.attempts > 1):
+            raise ValueError("hybrid.name: interleaved SFT on hard questions needs online sampling of one attempt")
         return self
 
     @model_validator(mode="after")

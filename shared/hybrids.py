@@ -54,6 +54,8 @@ class HybridSFT:
     """The buffer and the interleaved SFT step of ReLIFT / ReGFT / InT (`hybrid.name`)."""
 
     def __init__(self, hcfg, policy, reward_fn, threshold: float, seed: int, task=None):
+        if hasattr(task, "split") and any("completion" not in row for row in task.split("train")[:1]):
+            raise ValueError(f"hybrid.name {hcfg.name!r}: train rows need a reference solution in 'completion'")
         if hcfg.name == "int" and not hasattr(task, "first_error"):
             raise ValueError("hybrid.name 'int': the task must locate a completion's first wrong step "
                              "(task.first_error); the embedded arithmetic task does")

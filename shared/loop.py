@@ -101,11 +101,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     sampler = build_sampler(cfg.sampler, train_rows, r.prompts_per_step, cfg.seed)
     probe = PolicyProbe(policy, reward_fn, cfg, acc) if hasattr(sampler, "prepare") else None  # DOTS measures
     replay = ReplayBuffer(r.replay_buffer, cfg.seed) if r.replay_buffer else None
-    hybrid = None
-    if cfg.hybrid.name != "none":  # ReLIFT / ReGFT: SFT on hard questions between RL steps
-        if any("completion" not in row for row in train_rows[:1]):
-            raise ValueError(f"hybrid.name {cfg.hybrid.name!r}: train rows need a reference solution in 'completion'")
-        hybrid = HybridSFT(cfg.hybrid, policy, reward_fn, a.positive_threshold, cfg.seed, task)
+    hybrid = (HybridSFT(cfg.hybrid, policy, reward_fn, a.positive_threshold, cfg.seed, task)  # ReLIFT / ReGFT / InT
+              if cfg.hybrid.name != "none" else None)
     tracker = (PerPromptTracker(a.tracker_buffer, a.tracker_min_count, a.adv_eps)
                if a.advantage == "per_prompt_tracker" else None)
 
