@@ -217,6 +217,9 @@ class HybridConfig(Strict):
     hint_frac: float = Field(0.5, gt=0, lt=1, description="regft: share of the reference solution given as the start "
                              "of the answer")
     hint_samples: int = Field(4, gt=0, description="regft / int: continuations sampled per hard question")
+    questions: Literal["hard", "failed"] = Field(
+        "hard", description="which questions enter the buffer: hard (no sample solved it: ReLIFT) or failed (at "
+        "least one sample failed; InT repairs a failed attempt of any question)")
 
 
 class OptimConfig(Strict):

@@ -1,7 +1,8 @@
 """SFT-RL hybrids that help the RL loop on the questions it cannot solve (METHODS.md B.11).
 
-Both keep a buffer of *hard* questions (every sample of the group failed: no reward above
-`algorithm.positive_threshold`) paired with a correct solution, and interleave supervised steps
+All keep a buffer of *hard* questions (every sample of the group failed: no reward above
+`algorithm.positive_threshold`; with `hybrid.questions: failed`, any question with a failed sample)
+paired with a correct solution, and interleave supervised steps
 with RL: once the buffer holds `hybrid.sft_batch` items, one SFT step (token-mean NLL at temperature
 1, its own AdamW at `hybrid.sft_lr`) on the newest `sft_batch` items, which then leave the buffer.
 The SFT and RL losses are never mixed in one loss.
@@ -35,14 +36,16 @@ from shared.rollout import row_fields
 from shared.sft import untempered
 
 
-def hard_groups(rewards: Tensor, group_ids: Tensor, threshold: float) -> list[int]:
-    """Indices of the first sample of every group none of whose samples scored above `threshold`."""
+def hard_groups(rewards: Tensor, group_ids: Tensor, threshold: float, any_failure: bool = False) -> list[int]:
+    """Index of the first failed sample (reward not above `threshold`) of every group none of whose samples
+    passed, or with `any_failure` of every group with at least one failed sample."""
     best: dict[int, float] = {}
-    first: dict[int, int] = {}
+    first_failed: dict[int, int] = {}
     for i, (g, r) in enumerate(zip(group_ids.tolist(), rewards.tolist())):
-        first.setdefault(g, i)
         best[g] = max(best.get(g, -math.inf), r)
-    return [first[g] for g in first if best[g] <= threshold]
+        if r <= threshold:
+            first_failed.setdefault(g, i)
+    return [i for g, i in first_failed.items() if any_failure or best[g] <= threshold]
 
 
 def nll_token_mean(logp: Tensor, mask: Tensor, total_tokens: float) -> Tensor:

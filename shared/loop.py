@@ -236,7 +236,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         if hybrid is not None:  # hard questions of this step (fresh groups only) -> buffer -> maybe one SFT step
             fresh_n = n_fresh if replay is not None else len(rollout)
-            hard = hard_groups(rollout.rewards[:fresh_n].cpu(), rollout.group_ids[:fresh_n].cpu(), a.positive_threshold)
+            hard = hard_groups(rollout.rewards[:fresh_n].cpu(), rollout.group_ids[:fresh_n].cpu(), a.positive_threshold,
+                               any_failure=cfg.hybrid.questions == "failed")
             demos = hybrid.demonstrations([{k: v for k, v in rollout.rows[i].items() if k != "completion_length"}
                                            for i in hard], step, [rollout.completions[i] for i in hard])
             for part in (gather_object([demos]) if acc.num_processes > 1 else [demos]):

@@ -20,6 +20,9 @@ def test_hard_groups_by_hand():
     # group 7: nothing above 0.5; 8: one correct; 9: 0.5 is not above the threshold; 3: nothing
     assert hard_groups(rewards, groups, 0.5) == [0, 4, 6]
     assert hard_groups(rewards, groups, 0.4) == [0, 6]
+    # any failure: group 8 fails at its second sample; the index is always a failed sample's
+    assert hard_groups(rewards, groups, 0.5, any_failure=True) == [0, 3, 4, 6]
+    assert hard_groups(rewards, groups, 0.4, any_failure=True) == [0, 3, 5, 6]
 
 
 def test_nll_token_mean_uses_the_global_token_count():
