@@ -197,8 +197,8 @@ How to read it:
 - Rollout replay halves the samples generated per step, as the paper intends, but at this learning rate
   (2e-4, the authors use 1e-6) training twice on the same groups without an effective clip (the clip
   range is centred on pi_old / mu, where the ratio starts) moves the policy further (KL to start 0.90 vs
-  0.59) without held-out gains, while GRPO on the same 16 fresh prompts per step without replay does gain.
-  With DOTS selection it ends below the start.
+  0.59) without held-out gains. GRPO on the same 16 fresh prompts per step without replay gains +0.015
+  (seed 0: +0.048 where replay gains +0.002). With DOTS selection replay ends below the start.
 """
 
 NOTES = """\
@@ -217,6 +217,13 @@ How to read it:
   they also lowered the likelihood of the preferred answers and greedy accuracy collapsed (seed 0:
   0.548 -> 0.29 at lr 2e-4), so the recipes use beta 1 (IPO 0.5) at lr 2e-5: gains are small and one
   seed of DPO and IPO ends slightly below its start.
+- ReLIFT and ReGFT add SFT steps on the questions none of the 16 samples solved (ReLIFT: their stored
+  demonstrations; ReGFT: the policy's own verified completions of half the reference answer). SCoRe's row
+  scores the first attempt; its second attempt never scores on held-out problems (accuracy@t2 = 0 in every
+  run's summary): the warm start never saw the revision prompt "<problem><answer> <problem>", its second
+  answers are malformed, so every second-attempt group has equal rewards and stage I has nothing to learn.
+  SCoRe starts from a model that can follow a revision instruction; the embedded task would need revision
+  demonstrations in its warm-up (not done).
 - A-LoL trains only on the offline answers that beat the value estimate; half of its answers are wrong
   (A = 0), and the value head, fit on the reference's greedy results for 200 validation prompts, predicts
   little beyond their mean, so the advantage is close to R minus a constant. It gains on the weak warm
