@@ -21,6 +21,7 @@ A plausible mistake (`plausible_mistake`) is the sum with its carries dropped, o
 from __future__ import annotations
 
 import random
+import re
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -36,7 +37,7 @@ CHARS = list("0123456789+-*=() ")
 @register_task_schema("arithmetic")
 class ArithmeticTaskConfig(Strict):
     WARMUP_NEUTRAL: ClassVar[tuple[str, ...]] = ("offline", "offline_correct_frac", "category_by")  # RL-stage only
-    WARMUP_ADDED: ClassVar[dict[str, object]] = {"format": "answer"}  # see shared.sft.warmup_key
+    WARMUP_ADDED: ClassVar[dict[str, object]] = {"format": "answer", "revision_template": None}  # shared.sft.warmup_key
 
     name: Literal["arithmetic"] = "arithmetic"
     digits: int = Field(3, gt=0, le=9, description="operands are drawn from [0, 10**digits)")
@@ -44,6 +45,10 @@ class ArithmeticTaskConfig(Strict):
     format: Literal["answer", "scratchpad"] = Field(
         "answer", description="what a demonstration writes: the answer alone, or column-by-column steps from the "
         "right ('4+8=12 3+7+1=11 ...') then the answer (addition only; score the last number)")
+    revision_template: str | None = Field(
+        None, description="also warm up on second attempts (SCoRe): for each SFT problem, this template filled with "
+        "{prompt} and a first answer ({completion}: a plausible mistake or the right answer, half each), answered "
+        "with the right answer; use the recipe's rollout.revision_template")
     category_by: Literal["carries", "shorter_operand"] = Field(
         "carries", description="a sum's `category` (curriculum arm): its carry count, or the digit count of its shorter "
         "operand (the warmed-up model solves 82% of 4+4-digit sums but 27% of those with a 3-digit operand)")
@@ -110,6 +115,17 @@ def scratchpad(a: int, b: int) -> str:
         steps.append(f"{d}+{e}" + (f"+{carry}" if carry else "") + f"={total}")
         carry, x, y = total // 10, x // 10, y // 10
     return " ".join(steps + [str(a + b)])
+
+
+def revision_demos(rows: list[dict], template: str, rng: random.Random) -> list[dict]:
+    """Second-attempt demonstrations: `template` with each problem and a first answer that is a plausible
+    mistake or the right answer (half each), completed by the right answer (answer-only format)."""
+    out = []
+    for r in rows:
+        a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)=", r["prompt"]).groups()
+        first = plausible_mistake(int(a), op, int(b), rng) if rng.random() < 0.5 else r["answer"]
+        out.append(dict(r, prompt=template.format(prompt=r["prompt"], completion=first)))
+    return out
 
 
 def _solve(a: int, op: str, b: int) -> int:
@@ -190,6 +206,8 @@ class ArithmeticTask:
                              "source": OP_SOURCE[op]})
                 if name == "train" and cfg.offline != "none":
                     rows[-1] |= offline_fields(cfg, a, op, b, offline_rng)
+            if name == "sft" and cfg.revision_template is not None:
+                rows += revision_demos(rows, cfg.revision_template, random.Random(cfg.data_seed + 2))
             self._splits[name] = rows
 
     def split(self, name: str) -> list[dict]:

@@ -64,3 +64,17 @@ def test_warmup_key_ignores_rl_only_fields_and_later_fields_at_their_default():
     assert warmup_key(load_config(path, ["task.format=answer", "task.category_by=shorter_operand"])) == key
     assert warmup_key(load_config(path, ["task.format=scratchpad"])) != key
     assert warmup_key(load_config(path, ["task.digits=3"])) != key
+
+
+def test_revision_demonstrations_for_the_warm_up():
+    plain = _task()
+    t = _task(revision_template="{prompt}{completion} {prompt}")
+    first, extra = t.split("sft")[:20], t.split("sft")[20:]
+    assert first == plain.split("sft") and len(extra) == 20
+    mistakes = 0
+    for r, e in zip(first, extra):
+        head, _, tail = e["prompt"].partition(" ")
+        assert tail == r["prompt"] and head.startswith(r["prompt"]) and e["completion"] == r["answer"]
+        mistakes += head[len(r["prompt"]):] != r["answer"]
+    assert 0 < mistakes < 20  # some first answers are wrong, some right
+    assert t.split("train") == plain.split("train") and t.split("eval") == plain.split("eval")
