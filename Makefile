@@ -43,6 +43,7 @@ bench: install
 	$(PY) benchmarks/bench_diffusion.py
 	$(PY) benchmarks/bench_sandbox.py
 	$(PY) benchmarks/bench_packing.py
+	$(PY) benchmarks/bench_shared_prompt.py
 	$(PY) benchmarks/bench_grpo_step.py
 	$(PY) benchmarks/bench_rollout.py
 	$(PY) benchmarks/bench_vlm_rollout.py

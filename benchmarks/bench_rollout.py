@@ -1,9 +1,10 @@
 """Rollout throughput: our `CausalLMPolicy.sample` vs a plain HF `model.generate(do_sample=True)` loop.
 
-Why: every online RL step starts with sampling, and `CausalLMPolicy.sample` adds work on top of plain
-`generate` — counter-based Gumbel noise keyed by (seed, sample id, position, token) computed for the whole
-vocabulary at every decoding step (so rollouts do not depend on the process layout), the completion mask,
-decoding and the Rollout record. This measures what that costs against the plain loop a user would write.
+Why: every online RL step starts with sampling, and `CausalLMPolicy.sample` replaces `generate`'s sampler
+with counter-based inverse-CDF sampling (shared/sampling.py: one hashed uniform per row keyed by (seed,
+sample id, position), a float64 cumulative sum over the vocabulary at every decoding step, so rollouts do not
+depend on the process layout) and adds the completion mask, decoding and the Rollout record. This measures
+what that costs against the plain loop a user would write.
 
 Both sides get the same model, the same prompts (tokenised by the same tokenizer, left-padded), n
 completions per prompt, max_new_tokens, temperature 1, no top-k/top-p, KV cache, eval mode, and both return
@@ -19,11 +20,11 @@ machine hits both alike; the figure is the median seconds per call, and tokens/s
 reported so unequal work from sampling noise is visible.
 
 Rows: the quickstart's model and rollout shape (the arithmetic task's tiny Qwen2, SFT-warmed as in
-bench_grpo_step.py, 20-token vocabulary) and a 32k-vocabulary Qwen2 (random weights, so completions run to
-max_new_tokens on both sides), where the per-step whole-vocabulary noise of counter-based sampling is a
-real cost. Target: ours >= 1.0x the baseline's tokens/s.
+bench_grpo_step.py, 20-token vocabulary) and Qwen2 models with 32k and 152k (Qwen2.5's 151,936) vocabularies
+(random weights, so completions run to max_new_tokens on both sides), where the per-step whole-vocabulary
+work of either sampler is a real cost. Target: ours >= 1.0x the baseline's tokens/s.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_rollout.py [--reps 9]
+    OMP_NUM_THREADS=1 python benchmarks/bench_rollout.py [--reps 9] [--big-vocab 32000 151936]
 Prints a table and writes benchmarks/results/rollout.json.
 """
 
@@ -144,7 +145,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=7)
-    ap.add_argument("--big-vocab", type=int, default=32000, help="vocabulary of the second row (0: skip it)")
+    ap.add_argument("--big-vocab", type=int, nargs="*", default=[32000, 151936],
+                    help="vocabularies of the random-weight rows (none: skip them)")
     ap.add_argument("--big-prompts", type=int, default=8)
     ap.add_argument("--big-n", type=int, default=8)
     ap.add_argument("--big-new-tokens", type=int, default=32)
@@ -163,10 +165,10 @@ def main() -> None:
                               f"{args.prompts} prompts x {args.n}, <= {args.max_new_tokens} new tokens",
                               model, tok, prompts[: args.prompts], args.n, args.max_new_tokens, args.reps))
         print(f"  {rows[-1]['benchmark']}: x{rows[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
-    if args.big_vocab:
-        tok = big_vocab_tokenizer(args.big_vocab)
-        model = big_vocab_model(tok, args.big_vocab, 256, 4)
-        rows.append(bench_row(f"rollout, vocab {args.big_vocab} (random weights, hidden 256 x 4 layers), "
+    for vocab in args.big_vocab:
+        tok = big_vocab_tokenizer(vocab)
+        model = big_vocab_model(tok, vocab, 256, 4)
+        rows.append(bench_row(f"rollout, vocab {vocab} (random weights, hidden 256 x 4 layers), "
                               f"{args.big_prompts} prompts x {args.big_n}, {args.big_new_tokens} new tokens",
                               model, tok, prompts[: args.big_prompts], args.big_n, args.big_new_tokens, args.reps))
         print(f"  {rows[-1]['benchmark']}: x{rows[-1]['ratio']:.2f}", file=sys.stderr, flush=True)

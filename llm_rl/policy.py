@@ -12,6 +12,7 @@ sampling temperature (as the sampling distribution was).
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, LogitsProcessorList
 
 from llm_rl.packing import pack, pack_values, packed_attention_mask, unpack
+from llm_rl.shared_prompt import shared_prompt_hidden_states
 from shared.logprobs import selective_log_probs
 from shared.rollout import Rollout
 from shared.sampling import CounterSamplingProcessor
@@ -38,26 +40,42 @@ class LMForward(nn.Module):
     row (llm_rl/packing.py), and puts the hidden states back on the padded grid: same results, no
     compute spent on padding. Text-only: a subclass that overrides `hidden_states` cannot pack.
 
+    `shared_prompt` (config train.shared_prompt) runs each distinct prompt of a micro-batch once and its
+    completions against the prompt's KV cache (llm_rl/shared_prompt.py): same results, the G-fold repeated
+    prompt computed once. Text-only, and not together with packing.
+
     This module, not the bare HF model, is what `accelerate.prepare` wraps, so DDP/FSDP see the
     real forward pass.
     """
 
     def __init__(self, model: nn.Module, temperature: float = 1.0, chunk_size: int = 1024, packed: bool = False,
-                 logprob_backend: str = "chunked"):
+                 logprob_backend: str = "chunked", shared_prompt: bool = False):
         super().__init__()
         if packed and type(self).hidden_states is not LMForward.hidden_states:
             raise ValueError(f"train.packed_sequences: packing applies to the text-only LMForward; "
                              f"{type(self).__name__} has its own inputs (images, M-RoPE positions) and does not pack")
+        if shared_prompt and type(self).hidden_states is not LMForward.hidden_states:
+            raise ValueError(f"train.shared_prompt: the shared-prompt forward applies to the text-only LMForward; "
+                             f"{type(self).__name__} has its own inputs (images, M-RoPE positions); set it to false")
+        if shared_prompt and packed:
+            raise ValueError("train.shared_prompt and train.packed_sequences are exclusive; set one of them to false")
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.logprob_backend = logprob_backend  # shared.logprobs backend: chunked | triton | auto
         self.packed = packed
+        self.shared_prompt = shared_prompt
         self.suppress_ids: list[int] = []  # tokens generation never emits: their probability is 0 here too
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, inputs_embeds: Tensor | None = None,
+                      completion_len: int | None = None) -> Tensor:
         """Last decoder hidden states [B, L, H]; position ids from the attention mask, as `generate` does.
-        Packed: zeros at padding positions (the padded forward leaves unused values there)."""
+        Packed: zeros at padding positions (the padded forward leaves unused values there).
+        Shared prompt: needs `completion_len` (T: the last T columns are completions); without it, or when the
+        rows have no prompt columns, the padded forward runs."""
+        if self.shared_prompt and completion_len is not None and 0 < completion_len < input_ids.shape[1]:
+            return shared_prompt_hidden_states(hf_model(self.model).base_model, input_ids, attention_mask,
+                                               completion_len, inputs_embeds)
         if self.packed:
             packed = pack(input_ids, attention_mask)
             if packed.num_tokens:  # an all-padding batch has nothing to pack: the padded forward handles it
@@ -96,6 +114,8 @@ class LMForward(nn.Module):
         """(logp, entropy); with `kl_reference` also {"vocab_kl": KL(reference || self) per token} (ASFT).
         `residual_lambda` > 0 runs IFT's temporal-residual forward (`residual_embeddings`)."""
         embeds = self.residual_embeddings(input_ids, attention_mask, mask, residual_lambda) if residual_lambda else None
+        if self.shared_prompt:  # where the prompt ends (subclasses with their own inputs never set it)
+            extra = {**extra, "completion_len": mask.shape[1]}
         hidden = self.hidden_states(input_ids, attention_mask, **extra, **({"inputs_embeds": embeds} if embeds is not None else {}))
         weight, bias = self.head()
         logp, entropy = completion_log_probs(hidden, input_ids, mask, weight, bias, self.temperature, self.chunk_size,
@@ -120,7 +140,8 @@ class LMForward(nn.Module):
         embed = hf_model(self.model).get_input_embeddings()
         with torch.no_grad():
             weight, bias = self.head()
-            h = self.hidden_states(input_ids, attention_mask)[:, -T - 1 : -1]
+            split = {"completion_len": T} if self.shared_prompt else {}
+            h = self.hidden_states(input_ids, attention_mask, **split)[:, -T - 1 : -1]
             logits = h @ weight.T + (bias if bias is not None else 0.0)
             pred = torch.where(mask.bool(), logits.argmax(-1), input_ids[:, -T:])
             predicted = embed(pred)
@@ -191,10 +212,11 @@ class CausalLMPolicy:
 
     def __init__(self, model: nn.Module, tokenizer, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  max_new_tokens: int = 64, chunk_size: int = 1024, use_chat_template: bool = False,
-                 system_prompt: str | None = None, packed_sequences: bool = False, logprob_backend: str = "chunked"):
+                 system_prompt: str | None = None, packed_sequences: bool = False, logprob_backend: str = "chunked",
+                 shared_prompt: bool = False):
         self.tokenizer = tokenizer
         self.module: nn.Module = LMForward(model, temperature, chunk_size, packed=packed_sequences,
-                                           logprob_backend=logprob_backend)
+                                           logprob_backend=logprob_backend, shared_prompt=shared_prompt)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.max_new_tokens = max_new_tokens
         self.use_chat_template = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
@@ -205,6 +227,7 @@ class CausalLMPolicy:
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.suppress_ids: list[int] = []  # tokens never generated (a VLM's image placeholders)
+        self.generator = None  # rollout.backend vllm: a VLLMGenerator that `_generate` hands generation to
 
     # ------------------------------------------------------------------ text <-> tokens
     def format_prompt(self, prompt: str) -> str:
@@ -214,14 +237,16 @@ class CausalLMPolicy:
         msgs.append({"role": "user", "content": prompt})
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
-    def encode_prompts(self, prompts: list[str], device) -> dict[str, Tensor]:
-        enc = self.tokenizer([self.format_prompt(p) for p in prompts], return_tensors="pt", padding=True,
-                             padding_side="left", add_special_tokens=False)
+    def encode_prompts(self, prompts: list[str], device, prefills: list[str] | None = None) -> dict[str, Tensor]:
+        texts = [self.format_prompt(p) + (prefills[i] if prefills else "") for i, p in enumerate(prompts)]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     def encode_rows(self, rows: list[dict], device) -> dict[str, Tensor]:
-        """Left-padded prompt inputs, one per row (a multimodal policy adds its image tensors)."""
-        return self.encode_prompts([r["prompt"] for r in rows], device)
+        """Left-padded prompt inputs, one per row (a multimodal policy adds its image tensors). A row's
+        `prefill` (the start of the response, written for the model: MRT's prefixes, Mixed-CoT-RL's flawed
+        steps; shared/prefill.py) follows the formatted prompt; the model continues it."""
+        return self.encode_prompts([r["prompt"] for r in rows], device, [r.get("prefill", "") for r in rows])
 
     def append_completion(self, prompt: dict[str, Tensor], completion: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Rollout inputs [prompt | completion]: the token-aligned tensors grow by the completion."""
@@ -247,12 +272,20 @@ class CausalLMPolicy:
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def generate(self, rows: list[dict], n: int = 1, seed: int | None = None, first_sample_id: int = 0,
-                 max_new_tokens: int | None = None) -> tuple[dict[str, Tensor], Tensor, list[str], dict]:
+                 max_new_tokens: int | None = None, suppress: list[int] = ()) -> tuple[dict[str, Tensor], Tensor, list[str], dict]:
         """n completions per row. seed=None decodes greedily; otherwise counter-based sampling
-        with global sample ids first_sample_id, first_sample_id+1, ... (prompt-major)."""
+        with global sample ids first_sample_id, first_sample_id+1, ... (prompt-major). `suppress`: token ids
+        this call never emits (MRT's forced answers). A row's `prefill` starts its texts (the tokens are not
+        part of the completion: they are prompt inputs, never trained)."""
         device = next(self.module.parameters()).device
         p = {k: v.repeat_interleave(n, 0) for k, v in self.encode_rows(rows, device).items()}
-        comp, mask, texts, stats = self._generate(p, seed, first_sample_id, max_new_tokens or self.max_new_tokens)
+        saved = self.suppress_ids
+        self.suppress_ids = saved + [i for i in suppress if i not in saved]
+        try:
+            comp, mask, texts, stats = self._generate(p, seed, first_sample_id, max_new_tokens or self.max_new_tokens)
+        finally:
+            self.suppress_ids = saved
+        texts = [rows[i // n].get("prefill", "") + t for i, t in enumerate(texts)]
         return self.append_completion(p, comp, mask), mask, texts, stats
 
     @torch.no_grad()
@@ -273,7 +306,8 @@ class CausalLMPolicy:
                   run=None):
         """(completion ids padded after EOS, mask, texts, stats) of `generate` from left-padded inputs `p`.
         `run(model, generation_config, logits_processor) -> sequences` replaces the plain `model.generate`
-        call (the VLM policy shares each prompt's prefill across its samples)."""
+        call (the VLM policy shares each prompt's prefill across its samples); so does `self.generator`, when set
+        (rollout.backend vllm), which returns the same sequences and goes through the same masking below."""
         model = hf_model(self.unwrap(self.module).model)
         device = p["input_ids"].device
         B, Lp = p["input_ids"].shape
@@ -285,6 +319,9 @@ class CausalLMPolicy:
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
+        if run is None and self.generator is not None:  # rollout.backend vllm (llm_rl/vllm_rollout.py)
+            run = functools.partial(self.generator.generate, p=p, seed=seed, first_sample_id=first_sample_id,
+                                    sampling=(self.temperature, self.top_k, self.top_p))
         if run is None:
             out = model.generate(**self.generation_inputs(p), generation_config=gen_cfg, logits_processor=procs)
         else:

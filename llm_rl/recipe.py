@@ -56,6 +56,7 @@ def make_policy(model, tok, cfg: RunConfig) -> CausalLMPolicy:
         max_new_tokens=cfg.rollout.max_new_tokens, chunk_size=cfg.model.logprob_chunk_size,
         use_chat_template=getattr(tcfg, "use_chat_template", False), system_prompt=getattr(tcfg, "system_prompt", None),
         packed_sequences=cfg.train.packed_sequences, logprob_backend=cfg.model.logprob_backend,
+        shared_prompt=cfg.train.shared_prompt,
     )
 
 
@@ -68,6 +69,10 @@ def apply_lora(model, cfg: RunConfig):
 
 
 def build(cfg: RunConfig, accelerator) -> Components:
+    if cfg.rollout.backend == "vllm":  # fail before loading anything when vllm or a GPU is missing
+        from llm_rl.vllm_rollout import require_vllm
+
+        require_vllm(accelerator.num_processes)
     task = make_task(cfg)
     model, tok = load_model(cfg)
     model.to(accelerator.device)
@@ -76,4 +81,14 @@ def build(cfg: RunConfig, accelerator) -> Components:
         info["warmup"] = warm_start(cfg, accelerator, model, lambda m: make_policy(m, tok, cfg), task)
     if cfg.model.lora is not None:
         model = apply_lora(model, cfg)
-    return Components(policy=make_policy(model, tok, cfg), task=task, reward=combined_reward(cfg), info=info)
+    if cfg.rollout.agents == 2:  # CORY: the warm start and a copy of it as the two agents
+        from llm_rl.cory import CoryPolicy
+
+        policy = CoryPolicy.from_model(model, lambda m: make_policy(m, tok, cfg), cfg.algorithm.cory_role_exchange_steps)
+        return Components(policy=policy, task=task, reward=combined_reward(cfg), info=info)
+    policy = make_policy(model, tok, cfg)
+    if cfg.rollout.backend == "vllm":  # rollouts from a vLLM engine that receives the policy's weights
+        from llm_rl.vllm_rollout import VLLMGenerator
+
+        policy.generator = VLLMGenerator.from_config(cfg, model, tok)
+    return Components(policy=policy, task=task, reward=combined_reward(cfg), info=info)

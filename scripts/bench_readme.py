@@ -11,7 +11,8 @@ Layouts read (one adapter per benchmark, a generic one for the rest):
   only for comparison, so it is not listed as ours.
 - packing.json (bench_packing.py): rows per (model, batch) with padded_s / packed_s / speedup; the target
   (and its verdict, `headline.target_met`) applies to the first, headline row only.
-- the generic layout, used by diffusion.json, grpo_step.json, rollout.json and any other benchmark that
+- the generic layout, used by diffusion.json, grpo_step.json (one row per configuration of ours against TRL:
+  the default forward and train.shared_prompt), rollout.json, shared_prompt.json and any other benchmark that
   follows it: {"machine", "rows": [{"benchmark", "baseline", "ours_s", "baseline_s" | "ours_value",
   "baseline_value", "unit", "ratio", "ratio_definition"?, "target", "target_met"?, "skipped"?}]}.
   Without `ratio_definition` the ratio is identified from the seconds (ours/baseline or baseline/ours);
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-ORDER = ["grpo_step", "rollout", "vlm_rollout", "logprobs", "packing", "diffusion", "sandbox"]  # then any other, by name
+ORDER = ["grpo_step", "rollout", "vlm_rollout", "logprobs", "packing", "shared_prompt", "diffusion", "sandbox"]  # then any other, by name
 HEADER = ("| benchmark | baseline | ours | baseline figure | ratio | target | met? |\n"
           "|---|---|---|---|---|---|---|")
 

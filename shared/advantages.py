@@ -12,8 +12,9 @@
 | `expert_iteration` | 1 for a verified (r > threshold) completion, first of its text in its group; else 0 | EI (extra: `unique`) |
 | `raft`      | 1 for the first best-reward completion of each group, else 0 | RAFT best-of-K |
 | `per_step`  | [B, T]: V(end of a token's step) - V(end of the previous step), V_0 = group mean | per-step credit on negatives (extra: `step_values`) |
+| `mrt`       | r_i - J(c) + progress bonus_i, J = termination value of the group's prefix | MRT (extras: `baseline`, `progress_bonus`; shared/mrt.py) |
 
-The last four take per-sample extras that the rollout carries (`Rollout.extras`); an estimator
+The last five take per-sample extras that the rollout carries (`Rollout.extras`); an estimator
 declares them in its `needs` attribute and `compute_advantages` passes exactly those.
 
 std is the unbiased sample standard deviation (torch.std default, as in TRL and verl); a group of
@@ -140,7 +141,16 @@ def per_step(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, *, step_valu
     return out.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
+def mrt(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6, *, baseline: Tensor, progress_bonus: Tensor) -> Tensor:
+    """MRT (Qu et al. 2025): the termination reward J(c) of the prefix replaces the group mean as baseline, plus
+    alpha times the progress of the rollout's first episode (both computed in shared/mrt.py)."""
+    dev = rewards.device
+    return (rewards.double() - baseline.double().to(dev) + progress_bonus.double().to(dev)).to(
+        rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
 remax.needs = alol.needs = ("baseline",)
+mrt.needs = ("baseline", "progress_bonus")
 per_step.needs = ("step_values",)
 expert_iteration.needs = ("unique", "threshold")
 
@@ -155,6 +165,7 @@ ADVANTAGES: dict[str, Callable[..., Tensor]] = {
     "expert_iteration": expert_iteration,
     "raft": raft,
     "per_step": per_step,
+    "mrt": mrt,
 }
 
 

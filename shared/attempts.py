@@ -17,6 +17,12 @@ replacing `algorithm.beta` in `ppo_clip`):
 Values from the paper / reimplementation: beta1 0.01, beta2 0.1, alpha 10. Held-out evaluation
 reports both attempts (shared/evaluate.py `revision_template`): accuracy@t1, accuracy@t2 and their
 difference, with the fractions of incorrect->correct and correct->incorrect revisions.
+
+CORY (Ma et al. 2024, METHODS.md B.21; `rollout.agents: 2`, llm_rl/cory.py) reuses all of this with two
+changes: the second attempt is sampled by the other copy of the model (`policy.observer`, which sees the
+pioneer's answer through the same template), and every sample of both agents gets the collective reward
+r(y1) + r(y2) (`collective_reward`) with stage-II weights (pg_weight 1, kl_coef beta: each agent's own
+KL to the reference), no stages and no bonus.
 """
 
 from __future__ import annotations
@@ -49,18 +55,28 @@ def correction_bonus(r1: Tensor, r2: Tensor, alpha: float) -> Tensor:
     return r2 + alpha * (r2 - r1)
 
 
+def collective_reward(r1: Tensor, r2: Tensor) -> Tensor:
+    """CORY's collective reward r = R(x, y1) + R(x, y2), given to the pioneer's and the observer's sample alike."""
+    return r1 + r2
+
+
 def two_attempts(policy, first: Rollout, reward_fn, cfg, step: int, first_sample_id: int) -> tuple[Rollout, object]:
     """`first` (scored first attempts) + one second attempt per sample, with the extras above; also the
     reward result of the second attempts (for failure counts)."""
     a, r = cfg.algorithm, cfg.rollout
     rows2 = [revision_row(row, c, r.revision_template) for row, c in zip(first.rows, first.completions)]
-    second = policy.sample(rows2, 1, seed=cfg.seed, first_sample_id=ATTEMPT2_GROUP + first_sample_id,
-                           first_group_id=0)
+    answers_second = policy.observer if r.agents == 2 else policy  # CORY: the other agent; SCoRe: the policy itself
+    second = answers_second.sample(rows2, 1, seed=cfg.seed, first_sample_id=ATTEMPT2_GROUP + first_sample_id,
+                                   first_group_id=0)
     second.group_ids = first.group_ids.to(second.group_ids.device) + ATTEMPT2_GROUP
     res = reward_fn(second.completions, second.fields(), step=step)
     r1, r2 = first.rewards.double().cpu(), res.total.double().cpu()
-    stage = 1 if step is not None and step <= a.score_stage1_steps else 2
-    second.rewards = correction_bonus(r1, r2, a.correction_bonus).to(res.total.dtype) if stage == 2 else res.total
+    if r.agents == 2:  # CORY: no stages; both agents' samples get r1 + r2
+        stage = 2
+        first.rewards = second.rewards = collective_reward(r1, r2).to(res.total.dtype)
+    else:
+        stage = 1 if step is not None and step <= a.score_stage1_steps else 2
+        second.rewards = correction_bonus(r1, r2, a.correction_bonus).to(res.total.dtype) if stage == 2 else res.total
     second.components = {k: v for k, v in res.components.items()}
     for part, k in ((first, 1.0), (second, 2.0)):
         part.extras = {**part.extras, "attempt": torch.full((len(part),), k)}

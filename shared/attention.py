@@ -59,7 +59,8 @@ def attention_problem(attention: str, domain: str, installed: Callable[[str], bo
 
 def check_attention(cfg) -> None:
     """ConfigError (one line) when `cfg`'s model.attention cannot run for its domain on this machine, or
-    train.packed_sequences is set outside domain 'llm'. Recipes call it before loading the model."""
+    train.packed_sequences / train.shared_prompt is set outside domain 'llm'. Recipes call it before loading
+    the model."""
     problem = attention_problem(cfg.model.attention, cfg.domain)
     if problem:
         raise ConfigError(problem)
@@ -71,6 +72,9 @@ def check_attention(cfg) -> None:
     if cfg.train.packed_sequences and cfg.domain != "llm":
         raise ConfigError(f"train.packed_sequences: packing applies to text-only language models (domain 'llm'), "
                           f"not domain {cfg.domain!r}; set it to false")
+    if cfg.train.shared_prompt and cfg.domain != "llm":
+        raise ConfigError(f"train.shared_prompt: the shared-prompt forward applies to text-only language models "
+                          f"(domain 'llm'), not domain {cfg.domain!r}; set it to false")
 
 
 def set_unet_attention(unet, attention: str) -> None:

@@ -88,8 +88,12 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load_hf_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load weights written by `save_pretrained` into an existing model (full weights or a peft adapter)."""
+    """Load weights written by `save_pretrained` into an existing model (full weights or a peft adapter).
+    A module of several models that writes its own layout loads itself (`load_pretrained`: CORY's agent pair)."""
     path = Path(path)
+    if hasattr(model, "load_pretrained"):
+        model.load_pretrained(path)
+        return
     if (path / "adapter_model.safetensors").exists():
         from peft import set_peft_model_state_dict
 

@@ -88,6 +88,23 @@ class WarmupConfig(Strict):
     cache_dir: str = Field("runs/.cache/sft", description="where warm-started weights are cached")
 
 
+class VLLMConfig(Strict):
+    """Engine settings of rollout.backend 'vllm' (llm_rl/vllm_rollout.py); unused by the hf backend."""
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="share of the GPU's memory the engine may take for its weights and KV cache "
+        "(the trained model, its gradients and optimizer state share the same GPU)")
+    max_model_len: int | None = Field(
+        None, gt=0, description="longest prompt + completion the engine schedules; null: the model's context length")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="engine weight dtype; auto: train.mixed_precision's (bf16 / fp16) if set, else model.dtype")
+    enforce_eager: bool = Field(False, description="no CUDA graphs (less memory and start-up time, slower decoding)")
+    enable_prefix_caching: bool = Field(True, description="reuse a prompt's KV cache across its samples (dropped "
+                                        "after every weight push)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                          description="further keyword arguments of vllm.LLM, passed as given")
+
+
 class RolloutConfig(Strict):
     prompts_per_step: int = Field(16, gt=0, description="prompts per RL step, all processes together")
     samples_per_prompt: int = Field(8, gt=0, description="completions per prompt (the group size G)")
@@ -95,7 +112,10 @@ class RolloutConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
-    backend: Literal["hf"] = Field("hf", description="generation backend")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="generation backend: hf (transformers generate with counter-based sampling, everywhere) or "
+        "vllm (a vLLM engine on the GPU, domain llm, one process: llm_rl/vllm_rollout.py; pip install vllm)")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="engine settings of backend 'vllm'")
     target_entropy: float | None = Field(
         None, gt=0, description="AceReason: before RL, set the temperature to the candidate whose mean token entropy "
         "on a probe batch of train prompts is closest to this (paper: 0.3); null keeps `temperature`")
@@ -114,11 +134,23 @@ class RolloutConfig(Strict):
     revision_template: str = Field(
         "{prompt}{completion}\nThere might be an error in the solution above. Correct it.\n{prompt}",
         description="second-attempt prompt, with {prompt} and {completion} (the first answer) filled in")
+    agents: Literal[1, 2] = Field(
+        1, description="2: CORY, two copies of the model: the second attempt is the other copy's (the observer's) "
+        "answer after the pioneer's, and every sample gets the collective reward r1 + r2 (llm_rl/cory.py); needs "
+        "attempts 2")
     replay_buffer: int = Field(
         0, ge=0, description="DOTS rollout replay: groups kept for replay (newest copy of each prompt, FIFO); 0 disables")
     replay_fresh_frac: float = Field(
         0.5, gt=0, le=1, description="DOTS rollout replay: share of each step's prompts sampled fresh (sigma); the rest "
         "are groups replayed from the buffer, trained with the behaviour-corrected clipped loss")
+    prefill: Literal["none", "flawed"] = Field(
+        "none", description="flawed (Mixed-CoT-RL): a share `prefill_frac` of the train prompts start their response "
+        "with the task's reasoning steps carrying one injected error (task.flawed_prefix); the model continues them "
+        "and is rewarded on its final answer (shared/prefill.py)")
+    prefill_frac: float = Field(0.5, ge=0, le=1, description="Mixed-CoT-RL: share of train prompts given a flawed prefix")
+    prefill_errors: list[Literal["calculation", "reasoning"]] = Field(
+        default_factory=lambda: ["calculation", "reasoning"], min_length=1,
+        description="Mixed-CoT-RL: error kinds injected, drawn uniformly per prompt")
 
 
 class AlgorithmConfig(Strict):
@@ -126,7 +158,7 @@ class AlgorithmConfig(Strict):
 
     objective: str = Field("ppo_clip", description="objective name in shared.objectives.OBJECTIVES")
     advantage: Literal["grpo", "dr_grpo", "batch_std", "rloo", "per_prompt_tracker", "none", "remax", "alol",
-                       "expert_iteration", "raft", "per_step"] = Field(
+                       "expert_iteration", "raft", "per_step", "mrt"] = Field(
         "grpo", description="advantage estimator (table in shared/advantages.py)"
     )
     adv_eps: float = Field(1e-6, ge=0, description="added to the std in std-normalised advantages")
@@ -169,11 +201,23 @@ class AlgorithmConfig(Strict):
     score_stage1_steps: int = Field(0, ge=0, description="SCoRe (rollout.attempts 2): RL steps of stage I (reward on "
                                     "the second attempt, KL first_attempt_beta on the first); stage II after")
     first_attempt_beta: float = Field(0.1, ge=0, description="SCoRe stage I: KL coefficient on the first attempt")
+    cory_role_exchange_steps: int = Field(
+        10, gt=0, description="CORY (rollout.agents 2): RL steps between swaps of the pioneer and observer roles (T_REx; "
+        "the paper's value was not retrieved, 10 is our choice)")
     correction_bonus: float = Field(10.0, ge=0, description="SCoRe stage II: alpha of the second attempt's bonus "
                                     "alpha * (r2 - r1)")
     step_rollouts: int = Field(4, gt=0, description="per_step: sampled continuations per step of an incorrect answer")
     step_delimiter: str = Field("\n", description="per_step: a step ends at a token containing this text "
-                                "('' = every token is a step)")
+                                "('' = every token is a step); mrt: the text that ends an episode")
+    mrt_answers: int = Field(4, gt=0, description="mrt: answers the meta-prover samples after a prefix (its termination "
+                             "value J is their mean reward)")
+    mrt_termination: str = Field("", description="mrt: text appended to a prefix to force the final answer (reasoning "
+                                 "models: e.g. '\\nTime is up. Final answer: ')")
+    mrt_answer_suppress: list[str] = Field(default_factory=list, description="mrt: a forced answer never emits a token "
+                                           "containing one of these texts (e.g. the step syntax)")
+    mrt_answer_tokens: int = Field(16, gt=0, description="mrt: token limit of a forced answer")
+    mrt_progress_coef: float = Field(1.0, ge=0, description="mrt: alpha of the progress bonus of a rollout's first "
+                                     "episode (0: the termination-baseline advantage alone); not retrieved from the paper")
 
 
 class SamplerConfig(Strict):
@@ -245,6 +289,15 @@ class TrainConfig(Strict):
     packed_sequences: bool = Field(
         False, description="text LMs: run the training forward on the real tokens of a micro-batch packed into one "
         "row, without padding (llm_rl/packing.py); domain 'llm' only")
+    shared_prompt: bool = Field(
+        False, description="text LMs: run each distinct prompt of a micro-batch once in the training forward and its "
+        "G completions against its KV cache (llm_rl/shared_prompt.py); domain 'llm' only, not with packed_sequences")
+
+    @model_validator(mode="after")
+    def _one_forward_layout(self) -> "TrainConfig":
+        if self.shared_prompt and self.packed_sequences:
+            raise ValueError("train.shared_prompt and train.packed_sequences are exclusive; set one of them to false")
+        return self
 
 
 class RewardSpec(Strict):
@@ -263,6 +316,8 @@ class EvalConfig(Strict):
     every: int = Field(0, ge=0, description="RL steps between held-out evaluations; 0: only before and after")
     max_prompts: int = Field(256, gt=0, description="held-out prompts evaluated")
     batch_size: int = Field(64, gt=0)
+    extra_splits: list[str] = Field(default_factory=list, description="also evaluate these task splits (metrics "
+                                    "'<split>/<name>'), e.g. the arithmetic scratchpad's eval_flawed")
 
 
 class CheckpointConfig(Strict):
@@ -309,6 +364,24 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _agents_compatible(self) -> "RunConfig":
+        r, a = self.rollout, self.algorithm
+        if r.agents == 2:  # CORY (llm_rl/cory.py): the observer's answer is the second attempt
+            if r.attempts != 2:
+                raise ValueError("rollout.agents: CORY's two agents need rollout.attempts: 2 (the observer answers second)")
+            if self.domain != "llm":
+                raise ValueError(f"rollout.agents: CORY's two agents are implemented for domain 'llm', not {self.domain!r}")
+            if r.source != "online" or r.dynamic_sampling or r.replay_buffer or self.hybrid.name != "none":
+                raise ValueError("rollout.agents: CORY needs online sampling without dynamic_sampling, replay or hybrid SFT")
+            if self.model.lora is not None or r.target_entropy is not None or self.sampler.name == "dots":
+                raise ValueError("rollout.agents: CORY trains two full copies: model.lora, rollout.target_entropy and "
+                                 "sampler 'dots' are not supported with it")
+            if a.score_stage1_steps:
+                raise ValueError("algorithm.score_stage1_steps: SCoRe's stage I does not apply to CORY (rollout.agents 2); "
+                                 "set it to 0")
+        return self
+
+    @model_validator(mode="after")
     def _attempts_compatible(self) -> "RunConfig":
         r = self.rollout
         if r.attempts > 1:
@@ -327,9 +400,29 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _prefills_compatible(self) -> "RunConfig":
+        r, a = self.rollout, self.algorithm
+        if (r.prefill != "none" or a.advantage == "mrt") and self.domain != "llm":
+            raise ValueError("rollout.prefill / advantage mrt: response prefixes are text (domain llm), "
+                             f"not {self.domain!r}")
+        if a.advantage == "mrt" and (r.source != "online" or r.attempts > 1 or r.replay_buffer or r.prefill != "none"):
+            raise ValueError("algorithm.advantage mrt: continues its own prefixes online; not with offline data, "
+                             "two attempts, replay or rollout.prefill")
+        if a.advantage == "mrt" and not a.step_delimiter:
+            raise ValueError("algorithm.step_delimiter: mrt splits traces into episodes at this text; it cannot be empty")
+        return self
+
+    @model_validator(mode="after")
     def _hybrid_batch(self) -> "RunConfig":
         if self.hybrid.name != "none" and (self.rollout.source != "online" or self.rollout.attempts > 1):
             raise ValueError("hybrid.name: interleaved SFT on hard questions needs online sampling of one attempt")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_prompt_cache(self) -> "RunConfig":
+        if self.train.shared_prompt and self.model.gradient_checkpointing:
+            raise ValueError("train.shared_prompt: activation checkpointing (model.gradient_checkpointing) drops the "
+                             "prompt's KV cache; set one of them to false")
         return self
 
     @model_validator(mode="after")
@@ -343,6 +436,17 @@ class RunConfig(Strict):
                 raise ValueError("rollout.replay_buffer: replay works with online sampling without dynamic_sampling")
             if round(r.prompts_per_step * r.replay_fresh_frac) < 1:
                 raise ValueError("rollout.replay_fresh_frac: fewer than one fresh prompt per step")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_backend(self) -> "RunConfig":
+        if self.rollout.backend == "vllm":
+            if self.domain != "llm":
+                raise ValueError(f"rollout.backend: 'vllm' generates text with a causal LM (domain llm); domain "
+                                 f"{self.domain!r} uses rollout.backend=hf")
+            if self.rollout.agents == 2:
+                raise ValueError("rollout.backend: 'vllm' drives one model; CORY's two agents (rollout.agents 2) use "
+                                 "rollout.backend=hf")
         return self
 
     @property

@@ -48,20 +48,33 @@ def evaluate(policy, task, split: str, max_prompts: int, batch_size: int, accele
 
 
 def _two_attempt_metrics(policy, task, rows, first, batch_size, accelerator, template) -> dict[str, float]:
-    """metric (first attempt), metric@t2, delta_t1_t2, and the incorrect->correct / correct->incorrect fractions."""
+    """metric (first attempt), metric@t2, delta_t1_t2, and the incorrect->correct / correct->incorrect fractions.
+
+    With two agents (CORY, llm_rl/cory.py) the first attempt is the pioneer's, the second the observer's after
+    seeing it (metric@t2: the pair), and the observer also answers alone (metric@observer); `pioneer_agent`
+    says which copy is the pioneer."""
     from shared.attempts import revision_row
 
+    observer = getattr(policy, "observer", None)
+    answers_second = policy if observer is None else observer
     second: list = []
+    alone: list = []
     for s in range(0, len(rows), batch_size):
-        second += policy.complete([revision_row(r, c, template) for r, c in zip(rows[s : s + batch_size],
-                                                                              first[s : s + batch_size])])
-    pairs = list(zip(task.score(first, rows), task.score(second, rows)))
+        second += answers_second.complete([revision_row(r, c, template)
+                                            for r, c in zip(rows[s : s + batch_size], first[s : s + batch_size])])
+        if observer is not None:
+            alone += observer.complete(rows[s : s + batch_size])
+    triples = list(zip(task.score(first, rows), task.score(second, rows),
+                       task.score(alone, rows) if observer is not None else [0.0] * len(rows)))
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        pairs = gather_object(pairs)
-    n = max(len(pairs), 1)
-    t1, t2 = sum(p[0] for p in pairs) / n, sum(p[1] for p in pairs) / n
-    return {task.metric: t1, f"{task.metric}@t2": t2, "delta_t1_t2": t2 - t1,
-            "i_to_c": sum(p[0] < p[1] for p in pairs) / n, "c_to_i": sum(p[0] > p[1] for p in pairs) / n,
-            "n": float(len(pairs))}
+        triples = gather_object(triples)
+    n = max(len(triples), 1)
+    t1, t2 = sum(p[0] for p in triples) / n, sum(p[1] for p in triples) / n
+    out = {task.metric: t1, f"{task.metric}@t2": t2, "delta_t1_t2": t2 - t1,
+           "i_to_c": sum(p[0] < p[1] for p in triples) / n, "c_to_i": sum(p[0] > p[1] for p in triples) / n,
+           "n": float(len(triples))}
+    if observer is not None:
+        out |= {f"{task.metric}@observer": sum(p[2] for p in triples) / n, "pioneer_agent": float(policy.pioneer)}
+    return out

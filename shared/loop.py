@@ -38,8 +38,10 @@ from shared.dots import PolicyProbe
 from shared.evaluate import evaluate
 from shared.hybrids import HybridSFT, hard_groups
 from shared.kl import kl_penalty
+from shared.mrt import mrt_extras, mrt_prefixes
 from shared.objectives import OBJECTIVES
 from shared.offline import check_offline_rows, offline_rollout
+from shared.prefill import with_flawed_prefixes
 from shared.recipe import build_components
 from shared.replay import ReplayBuffer, mark_fresh
 from shared.rollout import Rollout, first_in_group
@@ -85,6 +87,10 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     t_rl = time.time()
     policy, task, reward_fn = comps.policy, comps.task, comps.reward
     train_rows = task.split("train")
+    if r.prefill == "flawed":  # Mixed-CoT-RL: part of the prompts start with one-error reasoning to recover from
+        train_rows = with_flawed_prefixes(task, train_rows, r.prefill_frac, r.prefill_errors, cfg.seed)
+    for split in cfg.eval.extra_splits:  # a missing split fails here, not after training
+        task.split(split)
     if r.target_entropy is not None:  # AceReason: before the reference copies the module's temperature
         comps.info["temperature"] = choose_temperature(policy, train_rows[: r.probe_prompts], r.target_entropy,
                                                        r.temperature_candidates, seed=cfg.seed)
@@ -137,9 +143,13 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     if acc.is_main_process:
         dump_config(cfg, run_dir / "config.yaml")
     def held_out(at_step: int) -> dict[str, float]:  # greedy held-out metrics (both attempts in two-attempt runs)
-        return evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
-                        samples_to=run_dir / "samples" / f"step_{at_step:06d}.png",
-                        revision_template=r.revision_template if r.attempts > 1 else None)
+        out = evaluate(policy, task, "eval", cfg.eval.max_prompts, cfg.eval.batch_size, acc,
+                       samples_to=run_dir / "samples" / f"step_{at_step:06d}.png",
+                       revision_template=r.revision_template if r.attempts > 1 else None)
+        for split in cfg.eval.extra_splits:
+            out |= {f"{split}/{k}": v for k, v in evaluate(policy, task, split, cfg.eval.max_prompts,
+                                                           cfg.eval.batch_size, acc).items()}
+        return out
 
     before = state.get("before")
     if before is None:
@@ -152,6 +162,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
     needs_old_logp = steps_per_rollout > 1 or a.epochs > 1 or replay is not None  # replay stores mu = pi_old
     for step in range(start_step + 1, t.steps + 1):
         t_step = time.perf_counter()
+        if hasattr(policy, "begin_step"):  # CORY: the agents swap pioneer / observer roles every T_REx steps
+            policy.begin_step(step)
         # 1-2. prompts -> samples -> rewards (each component scored; failures isolated in reward_fn);
         # with rollout replay (DOTS) part of the step's groups come from the buffer instead
         if probe is not None:
@@ -292,6 +304,9 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> dict:
                 replay.add(part, behaviour, part_keys)
         if tracker is not None:
             metrics_out.update(tracker.stats())
+        for k in ("baseline", "progress_bonus"):  # per-sample baselines (ReMax, A-LoL, MRT's termination value)
+            if k in rollout.extras:
+                metrics_out[f"extras/{k}"] = float(acc.gather(rollout.extras[k].to(acc.device)).float().mean())
 
         # 7. periodic evaluation and checkpoint
         evaluated = bool(cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps)
@@ -372,6 +387,8 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
         idx = sampler.next_batch(n_prompts)
         drawn += idx
         rows = [train_rows[i] for i in idx[acc.process_index * P_local : (acc.process_index + 1) * P_local]]
+        if cfg.algorithm.advantage == "mrt":  # MRT: the groups continue prefixes of pi_old's own traces
+            rows = mrt_prefixes(policy, rows, cfg, first)
         if r.source == "offline":
             part, data_rewards = offline_rollout(policy, rows, first)
         else:
@@ -391,6 +408,8 @@ def collect_rollout(policy, sampler, train_rows, reward_fn, cfg: RunConfig, acc,
             part.extras["unique"] = first_in_group(part.completions, part.group_ids)
         if baseline is not None:
             part.extras["baseline"] = baseline(rows, step).repeat_interleave(G)
+        if cfg.algorithm.advantage == "mrt":  # termination values of the prefixes, progress of the first episodes
+            part.extras.update(mrt_extras(policy, part, reward_fn, cfg, step, first * G))
         if cfg.algorithm.advantage == "per_step":  # Monte Carlo values of the steps of incorrect answers
             part.extras["step_values"] = step_values(policy, part, part.rewards, reward_fn, cfg, step)
         if not r.dynamic_sampling:

@@ -172,7 +172,12 @@ def test_two_process_run_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[:4000] + "\n...\n" + proc.stderr[-1500:] + "\nSTDOUT:\n" + proc.stdout[-2000:]
     a, b = _weights(tmp_path / "runs" / "one", 2), _weights(tmp_path / "runs" / "two", 2)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        # k_proj.bias: its gradient is near zero (a key bias moves all of a query's attention logits almost alike;
+        # only RoPE's rotation tells positions apart), so the summation order of 2 processes changes it relatively
+        # a lot and AdamW's m / sqrt(v) turns that into ~1e-6 differences (seen: 1.3e-6, with identical rollouts
+        # and losses equal to 1e-8); as in tests/test_cory.py
+        atol = 1e-5 if k.endswith("k_proj.bias") else 1e-6
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=k)
     ma = [r for r in _metrics(tmp_path / "runs" / "one") if "loss" in r]
     mb = [r for r in _metrics(tmp_path / "runs" / "two") if "loss" in r]
     for ra, rb in zip(ma, mb):

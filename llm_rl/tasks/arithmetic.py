@@ -117,6 +117,29 @@ def scratchpad(a: int, b: int) -> str:
     return " ".join(steps + [str(a + b)])
 
 
+def flawed_steps(a: int, b: int, kind: str, rng: random.Random) -> str:
+    """The start of a+b's scratchpad with exactly one error, ending after the flawed step (Mixed-CoT-RL):
+    the steps before a random column, then that column's step written wrong, then a space (the model goes on).
+
+    - ``calculation``: the column's total is off by one ('4+8=13');
+    - ``reasoning``: the carry rule misapplied: an incoming carry dropped ('3+7=10' for '3+7+1=11') or one
+      added where there is none ('3+7+1=11' for '3+7=10').
+    """
+    steps = scratchpad(a, b).split(" ")[:-1]
+    i = rng.randrange(len(steps))
+    left, total = steps[i].split("=")
+    terms = left.split("+")
+    if kind == "calculation":
+        wrong = int(total) + (1 if int(total) == 0 or rng.random() < 0.5 else -1)
+        flawed = f"{left}={wrong}"
+    elif kind == "reasoning":
+        d, e = int(terms[0]), int(terms[1])
+        flawed = f"{d}+{e}={d + e}" if len(terms) == 3 else f"{d}+{e}+1={d + e + 1}"
+    else:
+        raise ValueError(f"flawed_steps: kind must be 'calculation' or 'reasoning', got {kind!r}")
+    return " ".join(steps[:i] + [flawed]) + " "
+
+
 def revision_demos(rows: list[dict], template: str, rng: random.Random) -> list[dict]:
     """Second-attempt demonstrations: `template` with each problem and a first answer that is a plausible
     mistake or the right answer (half each), completed by the right answer (answer-only format)."""
@@ -211,7 +234,26 @@ class ArithmeticTask:
             self._splits[name] = rows
 
     def split(self, name: str) -> list[dict]:
+        """`sft`, `train`, `val`, `eval`; with a scratchpad also `eval_flawed`: the eval problems prefilled with
+        one flawed step each (calculation and reasoning errors alternating; Mixed-CoT-RL's robustness test)."""
+        if name == "eval_flawed" and self.cfg.format == "scratchpad":
+            if name not in self._splits:
+                rng = random.Random(self.cfg.data_seed + 3)
+                kinds = ("calculation", "reasoning")
+                self._splits[name] = [dict(r, prefill=self.flawed_prefix(r, kinds[i % 2], rng))
+                                      for i, r in enumerate(self._splits["eval"])]
+            return self._splits[name]
+        if name not in self._splits:
+            raise ValueError(f"task arithmetic: no split {name!r} (has {sorted(self._splits)}"
+                           f"{' and eval_flawed' if self.cfg.format == 'scratchpad' else ''})")
         return self._splits[name]
+
+    def flawed_prefix(self, row: dict, kind: str, rng: random.Random) -> str:
+        """A response start with exactly one `kind` error for `row` (scratchpad only; see `flawed_steps`)."""
+        if self.cfg.format != "scratchpad":
+            raise ValueError("flawed prefixes need written-out steps: set task.format: scratchpad")
+        a, b = re.fullmatch(r"(\d+)\+(\d+)=", row["prompt"]).groups()
+        return flawed_steps(int(a), int(b), kind, rng)
 
     def first_error(self, completion: str, row: dict) -> int:
         """Character offset where `completion` first goes wrong (InT): with a scratchpad, the start of the first

@@ -115,13 +115,13 @@ def test_none_is_raw_reward_copy():
 
 def _extras(r):
     """Per-sample extras the baseline and filter estimators need (ignored by the others)."""
-    return {"baseline": torch.full_like(r, 0.25), "unique": torch.ones_like(r),
+    return {"baseline": torch.full_like(r, 0.25), "unique": torch.ones_like(r), "progress_bonus": torch.full_like(r, 0.1),
             "step_values": torch.stack([torch.full_like(r, float("nan")), r], 1)}  # per_step: only final values
 
 
 def test_registry_and_dispatch():
     assert set(ADVANTAGES) == {"grpo", "dr_grpo", "batch_std", "rloo", "none", "remax", "alol", "expert_iteration", "raft",
-                               "per_step"}
+                               "per_step", "mrt"}
     r, g = _example()
     for name, fn in ADVANTAGES.items():
         needed = {k: v for k, v in _extras(r).items() if k in getattr(fn, "needs", ())}
