@@ -246,6 +246,21 @@ How to read it:
 - InT-style interventions: for every question with a failed sample, one failed attempt is cut at its first
   step that differs from the reference steps and the policy re-writes from there (4 tries); a re-write that
   reaches the right sum is a demonstration, and every 32 of them give one SFT step between RL steps.
+- The last column is greedy accuracy on the same held-out problems prefilled with the steps up to one flawed
+  step (a calculation error, or a carry dropped or added; Mixed-CoT-RL's robustness test), for the warm
+  start and the trained model. Every warm start scores near 0 there: the 2-layer model writes the sum from
+  the digits of its own steps, and its demonstrations never show a step being corrected.
+- Mixed-CoT-RL trains on half clean prompts and half prompts prefilled that way. The prefilled half almost
+  never earns a reward, so its groups carry no signal, and 100 steps do not teach recovery: robustness
+  stays near 0 and the clean gain is below GRPO's.
+- MRT's meta-prover, forced to answer after j of the k column steps, scores 0 until the last column is
+  written (seed 0's warm start, reference steps of 64 problems: J = 0.0 for 0-3 of 4 steps, 0.98 with all),
+  so the termination baseline is about 0 for most prefixes (mean 0.18 over training): the advantage is then
+  r itself, without a negative signal, and the progress bonus fires only on the step that completes the
+  sum. MRT suits traces where stopping early already gives a useful answer. Its forced answers (4 per group
+  prefix and 4 per sample) make it ~6x slower than GRPO here.
+- GRPO and InT ran with the earlier Gumbel-max sampler; Mixed-CoT-RL and MRT with the inverse-CDF sampler
+  (the same distribution, different draws for a seed).
 """
 
 NOTES = """\
