@@ -146,7 +146,7 @@ def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="+", default=["32000x4096"], help="VOCABxTOKENS, e.g. 151936x1024")
+    ap.add_argument("--cases", nargs="+", default=["32000x4096", "151936x1024"], help="VOCABxTOKENS, e.g. 151936x1024")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--chunks", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--checkpoint-chunk", type=int, default=1024, help="chunk of the previous implementation "

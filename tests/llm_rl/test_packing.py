@@ -9,13 +9,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from llm_rl.packing import block_causal_mask, pack, pack_values, packed_attention_mask, unpack
+from llm_rl.packing import (
+    block_causal_mask,
+    pack,
+    pack_values,
+    packed_attention_mask,
+    unpack,
+)
 from llm_rl.policy import LMForward
+from tests.helpers.layouts import (
+    ATOL,
+    VOCAB,
+    assert_same_grads,
+    forward_and_grads,
+    tiny_lm,
+)
 
-ATOL = 1e-5
-VOCAB, P, T = 97, 7, 6
+P, T = 7, 6
 # (prompt length, completion length) per row: left padding in prompts, right padding in completions,
 # one row that is all padding, one full row
 LENGTHS = [(7, 6), (3, 2), (0, 0), (5, 4), (1, 6), (4, 1)]
@@ -35,12 +46,6 @@ def _batch(lengths=LENGTHS, seed=0):
     return ids.masked_fill(am == 0, 0), am, mask
 
 
-def _model(attn="sdpa", seed=0, **over):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attn_implementation=attn, **over)
-    return Qwen2ForCausalLM(cfg).float()
 
 
 # ---------------------------------------------------------------- pack / unpack
@@ -130,34 +135,25 @@ def test_packed_attention_mask_per_backend():
 # ---------------------------------------------------------------- LMForward: packed == padded
 
 
-def _forward_and_grads(module, ids, am, mask, **kw):
-    module.zero_grad(set_to_none=True)
-    logp, ent = module(ids, am, mask, with_entropy=True, **kw)
-    w = torch.linspace(-1, 1, mask.numel()).view_as(mask)  # a loss that weights every token differently
-    ((logp * w).sum() + 0.1 * ent.sum()).backward()
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-    return logp.detach(), ent.detach(), grads
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_packed_log_probs_entropies_and_grads_match_padded(attn, temperature):
-    model = _model(attn)
+    model = tiny_lm(attn)
     ids, am, mask = _batch()
     padded = LMForward(model, temperature, chunk_size=5)
     packed = LMForward(copy.deepcopy(model), temperature, chunk_size=5, packed=True)
-    lp0, ent0, g0 = _forward_and_grads(padded, ids, am, mask)
-    lp1, ent1, g1 = _forward_and_grads(packed, ids, am, mask)
+    lp0, ent0, g0 = forward_and_grads(padded, ids, am, mask)
+    lp1, ent1, g1 = forward_and_grads(packed, ids, am, mask)
     torch.testing.assert_close(lp1, lp0, atol=ATOL, rtol=0)
     torch.testing.assert_close(ent1, ent0, atol=ATOL, rtol=0)
     assert (lp1[mask == 0] == 0).all() and (lp1[2] == 0).all()  # padding and the all-padding row
-    assert g0.keys() == g1.keys() and len(g0) == len(list(model.parameters()))
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], atol=ATOL, rtol=1e-4, msg=name)
+    assert_same_grads(g1, g0, len(list(model.parameters())))
 
 
 def test_packed_hidden_states_match_padded_at_real_tokens_and_are_zero_at_padding():
-    model = _model()
+    model = tiny_lm()
     ids, am, _ = _batch(seed=3)
     with torch.no_grad():
         h0 = LMForward(model).hidden_states(ids, am)
@@ -169,7 +165,7 @@ def test_packed_hidden_states_match_padded_at_real_tokens_and_are_zero_at_paddin
 
 def test_packed_sliding_window_layers_match_padded():
     """A model mixing full and sliding-window layers gets one mask per layer type."""
-    model = _model(use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    model = tiny_lm(use_sliding_window=True, sliding_window=3, max_window_layers=1)
     assert set(model.config.layer_types) == {"full_attention", "sliding_attention"}
     ids, am, mask = _batch(seed=1)
     with torch.no_grad():
@@ -181,7 +177,7 @@ def test_packed_sliding_window_layers_match_padded():
 
 def test_packed_residual_forward_matches_padded():
     """IFT's residual forward feeds input embeddings: they are packed like the token ids."""
-    model = _model()
+    model = tiny_lm()
     ids, am, mask = _batch(seed=2)
     with torch.no_grad():
         lp0, _ = LMForward(model)(ids, am, mask, residual_lambda=0.3)
@@ -192,10 +188,10 @@ def test_packed_residual_forward_matches_padded():
 def test_packed_with_lora_matches_padded():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_lm(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     ids, am, mask = _batch(seed=4)
-    lp0, _, g0 = _forward_and_grads(LMForward(model), ids, am, mask)
-    lp1, _, g1 = _forward_and_grads(LMForward(model, packed=True), ids, am, mask)
+    lp0, _, g0 = forward_and_grads(LMForward(model), ids, am, mask)
+    lp1, _, g1 = forward_and_grads(LMForward(model, packed=True), ids, am, mask)
     torch.testing.assert_close(lp1, lp0, atol=ATOL, rtol=0)
     assert g0 and g0.keys() == g1.keys()
     for name in g0:
@@ -204,7 +200,7 @@ def test_packed_with_lora_matches_padded():
 
 def test_packed_batch_of_empty_completions_still_builds_a_graph():
     """A fully masked micro-batch (dynamic-sampling filler) gives zero log-probs and a zero gradient."""
-    model = _model()
+    model = tiny_lm()
     ids, am, mask = _batch([(3, 0), (5, 0)])
     logp, _ = LMForward(model, packed=True)(ids, am, mask)
     assert (logp == 0).all() and logp.requires_grad
@@ -216,7 +212,7 @@ def test_packing_is_text_only():
     from vision_rl.policy import VLMForward
 
     with pytest.raises(ValueError, match="train.packed_sequences.*VLMForward"):
-        VLMForward(_model(), packed=True)
+        VLMForward(tiny_lm(), packed=True)
 
 
 def test_config_threads_packed_sequences_to_the_policy(tmp_path):

@@ -10,15 +10,20 @@ import json
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from llm_rl.policy import LMForward
 from llm_rl.shared_prompt import prompt_groups, shared_prompt_hidden_states
 from shared.config import ConfigError, validate_config
+from tests.helpers.layouts import (
+    ATOL,
+    VOCAB,
+    assert_same_grads,
+    forward_and_grads,
+    tiny_lm,
+)
 from tests.helpers.tiny import tiny_config_dict
 
-ATOL = 1e-5
-VOCAB, P, T = 97, 7, 6
+P, T = 7, 6
 PROMPT_LENGTHS = [7, 3, 5, 1]  # real tokens of each distinct prompt (left-padded to P)
 # (prompt, completion length) per row: 3 groups of G = 3 with their rows interleaved, a prompt seen once,
 # completions of every length from 1 to T
@@ -42,27 +47,10 @@ def _batch(rows=ROWS, seed=0):
     return ids, am, mask
 
 
-def _model(attn="sdpa", seed=0, **over):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attn_implementation=attn, **over)
-    return Qwen2ForCausalLM(cfg).float()
 
 
-def _forward_and_grads(module, ids, am, mask, **kw):
-    module.zero_grad(set_to_none=True)
-    logp, ent = module(ids, am, mask, with_entropy=True, **kw)
-    w = torch.linspace(-1, 1, mask.numel()).view_as(mask)  # a loss that weights every token differently
-    ((logp * w).sum() + 0.1 * ent.sum()).backward()
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-    return logp.detach(), ent.detach(), grads
 
 
-def _assert_same_grads(g1, g0, n_params):
-    assert g0.keys() == g1.keys() and len(g0) == n_params
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], atol=ATOL, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------- grouping
@@ -93,22 +81,22 @@ def test_prompt_groups_compare_real_tokens_and_padding_layout():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_shared_prompt_log_probs_entropies_and_grads_match_padded(attn, temperature):
-    model = _model(attn)
+    model = tiny_lm(attn)
     ids, am, mask = _batch()
     padded = LMForward(model, temperature, chunk_size=5)
     shared = LMForward(copy.deepcopy(model), temperature, chunk_size=5, shared_prompt=True)
-    lp0, ent0, g0 = _forward_and_grads(padded, ids, am, mask)
-    lp1, ent1, g1 = _forward_and_grads(shared, ids, am, mask)
+    lp0, ent0, g0 = forward_and_grads(padded, ids, am, mask)
+    lp1, ent1, g1 = forward_and_grads(shared, ids, am, mask)
     torch.testing.assert_close(lp1, lp0, atol=ATOL, rtol=0)
     torch.testing.assert_close(ent1, ent0, atol=ATOL, rtol=0)
     assert (lp1[mask == 0] == 0).all()
-    _assert_same_grads(g1, g0, len(list(model.parameters())))
+    assert_same_grads(g1, g0, len(list(model.parameters())))
 
 
 def test_partial_groups_of_a_split_micro_batch_match_padded():
     """A micro-batch cut from the middle of a rollout: groups split between micro-batches, one row of a prompt
     alone, rows in any order; gradients accumulated over the micro-batches equal the padded ones."""
-    model = _model()
+    model = tiny_lm()
     ids, am, mask = _batch()
     order = torch.tensor([9, 3, 0, 7, 5, 1, 8, 2, 6, 4])
     padded = LMForward(model, chunk_size=5)
@@ -123,11 +111,11 @@ def test_partial_groups_of_a_split_micro_batch_match_padded():
             lps.append(logp.detach())
         results[name] = torch.cat(lps), {n: p.grad.clone() for n, p in module.named_parameters()}
     torch.testing.assert_close(results["shared"][0], results["padded"][0], atol=ATOL, rtol=0)
-    _assert_same_grads(results["shared"][1], results["padded"][1], len(list(model.parameters())))
+    assert_same_grads(results["shared"][1], results["padded"][1], len(list(model.parameters())))
 
 
 def test_shared_prompt_hidden_states_match_padded_at_real_tokens():
-    model = _model()
+    model = tiny_lm()
     ids, am, _ = _batch(seed=3)
     with torch.no_grad():
         h0 = LMForward(model).hidden_states(ids, am)
@@ -141,19 +129,19 @@ def test_shared_prompt_hidden_states_match_padded_at_real_tokens():
 
 def test_shared_prompt_sliding_window_layers_match_padded():
     """A model mixing full and sliding-window layers (window shorter than prompt and completion)."""
-    model = _model(use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    model = tiny_lm(use_sliding_window=True, sliding_window=3, max_window_layers=1)
     assert set(model.config.layer_types) == {"full_attention", "sliding_attention"}
     ids, am, mask = _batch(seed=1)
-    lp0, ent0, g0 = _forward_and_grads(LMForward(model), ids, am, mask)
-    lp1, ent1, g1 = _forward_and_grads(LMForward(copy.deepcopy(model), shared_prompt=True), ids, am, mask)
+    lp0, ent0, g0 = forward_and_grads(LMForward(model), ids, am, mask)
+    lp1, ent1, g1 = forward_and_grads(LMForward(copy.deepcopy(model), shared_prompt=True), ids, am, mask)
     torch.testing.assert_close(lp1, lp0, atol=ATOL, rtol=0)
     torch.testing.assert_close(ent1, ent0, atol=ATOL, rtol=0)
-    _assert_same_grads(g1, g0, len(list(model.parameters())))
+    assert_same_grads(g1, g0, len(list(model.parameters())))
 
 
 def test_shared_prompt_residual_forward_and_vocab_kl_match_padded():
     """IFT's residual forward (input embeddings) and ASFT's full-vocabulary KL to a reference copy."""
-    model = _model()
+    model = tiny_lm()
     ids, am, mask = _batch(seed=2)
     out = {}
     for flag in (False, True):
@@ -170,18 +158,18 @@ def test_shared_prompt_residual_forward_and_vocab_kl_match_padded():
 def test_shared_prompt_with_lora_matches_padded():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_lm(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     ids, am, mask = _batch(seed=4)
-    lp0, _, g0 = _forward_and_grads(LMForward(model), ids, am, mask)
-    lp1, _, g1 = _forward_and_grads(LMForward(model, shared_prompt=True), ids, am, mask)
+    lp0, _, g0 = forward_and_grads(LMForward(model), ids, am, mask)
+    lp1, _, g1 = forward_and_grads(LMForward(model, shared_prompt=True), ids, am, mask)
     torch.testing.assert_close(lp1, lp0, atol=ATOL, rtol=0)
     assert g0
-    _assert_same_grads(g1, g0, len(g0))
+    assert_same_grads(g1, g0, len(g0))
 
 
 def test_shared_prompt_batch_of_empty_completions_still_builds_a_graph():
     """A fully masked micro-batch (dynamic-sampling filler) gives zero log-probs and a zero gradient."""
-    model = _model()
+    model = tiny_lm()
     ids, am, mask = _batch()
     logp, _ = LMForward(model, shared_prompt=True)(ids, am, torch.zeros_like(mask))
     assert (logp == 0).all() and logp.requires_grad
@@ -201,16 +189,16 @@ def test_shared_prompt_is_text_only_and_not_packed():
     from vision_rl.policy import VLMForward
 
     with pytest.raises(ValueError, match=r"train\.shared_prompt.*VLMForward") as e:
-        VLMForward(_model(), shared_prompt=True)
+        VLMForward(tiny_lm(), shared_prompt=True)
     _one_line(str(e.value))
     with pytest.raises(ValueError, match=r"train\.shared_prompt and train\.packed_sequences are exclusive"):
-        LMForward(_model(), packed=True, shared_prompt=True)
+        LMForward(tiny_lm(), packed=True, shared_prompt=True)
 
 
 def test_shared_prompt_refuses_activation_checkpointing_at_run_time():
     from shared.recipe import enable_activation_checkpointing
 
-    model = _model()
+    model = tiny_lm()
     enable_activation_checkpointing(model)
     ids, am, mask = _batch()
     with pytest.raises(ValueError, match=r"train\.shared_prompt: activation checkpointing"):
