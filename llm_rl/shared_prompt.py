@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from shared.hf_compat import CACHE_KWARG
+
 # decoder layer types whose KV cache continues a left-padded prompt exactly (sliding-window caches keep the last
 # window of keys, and the mask is built from the same absolute columns as in the padded forward)
 SUPPORTED_LAYERS = {"full_attention", "sliding_attention"}
@@ -108,8 +110,8 @@ def shared_prompt_hidden_states(decoder: nn.Module, input_ids: Tensor, attention
 
     cache = DynamicCache(config=decoder.config)
     prompt = decoder(**prompt_in, attention_mask=attention_mask[first, :P], position_ids=positions[first, :P],
-                     past_key_values=cache, use_cache=True)
+                     use_cache=True, **{CACHE_KWARG: cache})
     cache.batch_select_indices(groups.inverse)  # [U, heads, P, d] -> [B, heads, P, d] in every layer
     completion = decoder(**completion_in, attention_mask=attention_mask, position_ids=positions[:, P:],
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{CACHE_KWARG: cache})
     return torch.cat([prompt.last_hidden_state[groups.inverse], completion.last_hidden_state], 1)

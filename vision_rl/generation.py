@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from shared.hf_compat import CACHE_KWARG, returned_cache
+
 
 class _RecordScores:
     """Logits processor that keeps a copy of the scores it is given and returns them unchanged."""
@@ -87,7 +89,7 @@ def generate_shared_prefill(model: nn.Module, inputs: dict[str, Tensor], n: int,
     first_cfg.max_new_tokens, first_cfg.return_dict_in_generate = 1, True
     first_cfg.output_scores = first_cfg.output_logits = False
     out = model.generate(**inputs, generation_config=first_cfg, logits_processor=LogitsProcessorList([record]))
-    cache = out.past_key_values
+    cache = returned_cache(out)
     if cache is None or cache.get_seq_length() != Lp or core.rope_deltas is None:
         raise RuntimeError(f"{type(model).__name__}.generate did not return the prompt's KV cache ({Lp} positions) "
                            "and M-RoPE rope_deltas: the shared-prefill rollout does not support this model")
@@ -107,7 +109,7 @@ def generate_shared_prefill(model: nn.Module, inputs: dict[str, Tensor], n: int,
     rest_cfg.return_dict_in_generate = False
     mm = inputs["mm_token_type_ids"].repeat_interleave(n, 0)
     out = model.generate(input_ids=seq, attention_mask=torch.cat([mask.repeat_interleave(n, 0), mask.new_ones(len(seq), 1)], 1),
-                         mm_token_type_ids=torch.cat([mm, mm.new_zeros(len(seq), 1)], 1), past_key_values=cache,
+                         mm_token_type_ids=torch.cat([mm, mm.new_zeros(len(seq), 1)], 1), **{CACHE_KWARG: cache},
                          generation_config=rest_cfg, logits_processor=logits_processor,
                          stopping_criteria=StoppingCriteriaList([_CompletionHasEOS(Lp, eos_ids)]))
 

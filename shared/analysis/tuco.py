@@ -37,6 +37,7 @@ from transformers.masking_utils import (
 )
 
 from shared.analysis.divergence import eval_mode, hf_model
+from shared.hf_compat import CACHE_KWARG
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -47,14 +48,14 @@ def _decoder(model: nn.Module) -> nn.Module:
 def _layer_kwargs(decoder: nn.Module, x: Tensor, position_ids: Tensor) -> list[dict]:
     """Per-layer keyword arguments, as `Qwen2Model.forward` passes them (no cache, no padding)."""
     cfg = decoder.config
-    mask_kwargs = {"config": cfg, "inputs_embeds": x, "attention_mask": None, "past_key_values": None,
+    mask_kwargs = {"config": cfg, "inputs_embeds": x, "attention_mask": None, CACHE_KWARG: None,
                    "position_ids": position_ids}
     masks = {"full_attention": create_causal_mask(**mask_kwargs)}
     if "sliding_attention" in cfg.layer_types:
         masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
     rope = decoder.rotary_emb(x, position_ids)
     return [{"attention_mask": masks[cfg.layer_types[i]], "position_embeddings": rope, "position_ids": position_ids,
-             "past_key_values": None, "use_cache": False} for i in range(len(decoder.layers))]
+             CACHE_KWARG: None, "use_cache": False} for i in range(len(decoder.layers))]
 
 
 @torch.no_grad()

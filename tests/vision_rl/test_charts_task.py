@@ -61,6 +61,18 @@ def test_a_wrong_colour_lowers_only_what_it_should(task):
     assert low["color_f1"] < 1.0 and low["type_f1"] == low["layout_f1"] == low["text_f1"] == 1.0
 
 
+def test_low_level_reward_is_the_held_out_score_of_each_program(task):
+    rows = [r for r in task.split("sft") + task.split("eval") if 'color="' in r["completion"]][:2]
+    gold = [r["completion"] for r in rows]
+    first_colour = [c.split('color="')[1].split('"')[0] for c in gold]
+    wrong = [c.replace(f'color="{k}"', 'color="#123456"', 1) for c, k in zip(gold, first_colour)]
+    assert score("chart_low_level", gold, rows) == [1.0, 1.0]
+    got = score("chart_low_level", wrong + ["garbage("], rows + rows[:1])
+    for g, w, row in zip(got, wrong, rows):  # one reward per program: the task's per-sample held-out score
+        assert g == pytest.approx(task.score([w], [row])[0]) and 0.5 < g < 1.0
+    assert got[2] is None  # did not run: the failure value (counted by CombinedReward)
+
+
 def test_failed_and_hostile_programs_score_the_failure_value_within_the_limit(task):
     rows = task.split("eval")[:4]
     bad = ["garbage(", "while True:\n    pass\n", "import os\nos.kill(os.getppid(), 9)\n", ""]

@@ -8,7 +8,10 @@ process with time, memory, file-system and network limits) and is scored from wh
 - `chart_text`:   R_text, the rule-based textual reward (`metrics.textual_reward`: data values within
                   5%, chart type, subplot layout, drawn text by edit similarity, colours by CIEDE2000);
 - `chart_visual`: R_vis, a deterministic image similarity of the rendering to the target image
-                  (`metrics.VISUAL_JUDGES`, SSIM by default; a user's VLM judge plugs in there).
+                  (`metrics.VISUAL_JUDGES`, SSIM by default; a user's VLM judge plugs in there);
+- `chart_low_level`: ChartMimic's low-level score / 100 (mean of the drawn text, layout, chart-type and
+                  colour F1; `metrics.low_level_score`), the held-out headline metric as a reward (not an
+                  MSRL reward: an option for runs that optimise that metric directly).
 
 A program that fails, times out or is hostile scores 0 (the failure value) on all three. MSRL's two
 stages are the config's `rewards[].start_step` (stage 1: chart_exec + chart_text, stage 2 adds
@@ -28,7 +31,7 @@ import numpy as np
 from shared.rewards import register_reward, reward_field
 from shared.sandbox import SandboxLimits
 from vision_rl.charts.harness import ChartRun, render_many
-from vision_rl.charts.metrics import VISUAL_JUDGES, textual_reward
+from vision_rl.charts.metrics import VISUAL_JUDGES, low_level_score, textual_reward
 
 FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 MAX_CODE_CHARS = 20_000  # a longer "program" is not run (scores the failure value)
@@ -141,5 +144,19 @@ def chart_visual(field: str = "target", judge: str = "ssim", wall_s: float = 10.
         runs = cache.runs(completions, dpis(fields, len(completions), "chart_visual"))
         sims = score([r.image if executed(r) else None for r in runs], [as_rgb(t) for t in targets])
         return [s if executed(r) else None for s, r in zip(sims, runs)]
+
+    return reward
+
+
+@register_reward("chart_low_level")
+def chart_low_level(field: str = "gold_facts", wall_s: float = 10.0, memory_mb: int = 1024, workers: int = 2):
+    """ChartMimic's low-level score of the drawn figure against the target's facts, / 100 in [0, 1]; None (the
+    failure value, counted) when the program did not draw."""
+    cache = render_cache(wall_s, memory_mb, workers)
+
+    def reward(completions: list[str], **fields) -> list[float | None]:
+        gold = reward_field(fields, field, len(completions), "chart_low_level")
+        runs = cache.runs(completions, dpis(fields, len(completions), "chart_low_level"))
+        return [low_level_score(r.facts, g)["score"] / 100 if executed(r) else None for r, g in zip(runs, gold)]
 
     return reward
