@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.config_files import (  # noqa: F401 (re-exported)
     ConfigError,
@@ -71,8 +71,16 @@ class ModelConfig(Strict):
         "kernel (CUDA; checked against the reference in Triton's CPU interpreter, not yet on a GPU by this project), "
         "or auto (triton on CUDA when it imports)")
     trust_remote_code: bool = False
-    freeze_vision: bool = Field(True, description="vision-language models: keep the vision tower frozen (LoRA, if "
-                                "any, goes on the language model only)")
+    freeze_vision: bool | Literal["rl"] = Field(
+        True, description="vision-language models: keep the vision tower frozen (LoRA, if any, goes on the language "
+        "model only); 'rl': the SFT warm-up trains it, RL keeps it frozen")
+
+    @field_validator("freeze_vision", mode="before")
+    @classmethod
+    def _freeze_vision_value(cls, v: object) -> object:
+        if isinstance(v, bool) or v == "rl":
+            return v
+        raise ValueError("expected true, false or 'rl'")
 
 
 class WarmupConfig(Strict):

@@ -35,8 +35,11 @@ def warmup_key(cfg) -> str:
     schema = TASK_SCHEMAS.get(cfg.task.get("name"))
     neutral, added = getattr(schema, "WARMUP_NEUTRAL", ()), getattr(schema, "WARMUP_ADDED", {})
     task = {k: v for k, v in cfg.task.items() if k not in neutral and not (k in added and v == added[k])}
-    blob = json.dumps({"model": cfg.model.name_or_path, "task": task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"}),
-                       "seed": cfg.seed, "max_new_tokens": cfg.rollout.max_new_tokens}, sort_keys=True)
+    key = {"model": cfg.model.name_or_path, "task": task, "warmup": cfg.warmup.model_dump(exclude={"cache_dir"}),
+           "seed": cfg.seed, "max_new_tokens": cfg.rollout.max_new_tokens}
+    if cfg.domain == "vision" and cfg.model.freeze_vision is True:  # a warm-up that does not train the vision tower
+        key["frozen_vision"] = True  # (absent otherwise, so warm starts cached before this field stay valid)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

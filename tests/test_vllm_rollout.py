@@ -3,7 +3,8 @@
 vLLM is not installed in this project's test environment: the CLI must refuse the backend with one line, the
 config must validate, and the conversion of vLLM outputs into our rollout layout is checked against
 `CausalLMPolicy`'s own (HF generate) layout by replaying, through a stand-in engine, the very token ids that
-HF generate produced. The real engine calls (LLM.generate, apply_model) are not exercised here.
+HF generate produced. The real engine calls (LLM.generate, collective_rpc / apply_model) are not exercised here:
+scripts/check_vllm_backend.py runs them against a real vLLM install (GPU, or vLLM's CPU build).
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ class FakeLLM:
 
     def apply_model(self, fn):
         return [fn(self.model)]
+
+    def collective_rpc(self, method, args=(), kwargs=None):  # vLLM's workers' reload_weights, in place
+        assert method == "reload_weights" and not args and kwargs["is_checkpoint_format"] is True
+        self.reloads = getattr(self, "reloads", 0) + 1
+        return [self.model.load_weights(kwargs["weights_iterator"])]
 
     def reset_prefix_cache(self):
         self.cache_resets += 1
@@ -260,7 +266,11 @@ def test_vllm_greedy_and_continuations_use_the_same_layout(tok):
 # ---------------------------------------------------------------- weight pushes
 
 
-def test_weights_pushed_when_changed_only(tok):
+@pytest.mark.parametrize("inplace_reload", [False, True], ids=["apply_model", "reload_weights"])
+def test_weights_pushed_when_changed_only(tok, monkeypatch, inplace_reload):
+    import llm_rl.vllm_rollout as vr
+
+    monkeypatch.setattr(vr, "has_inplace_reload", lambda: inplace_reload)  # which vLLM API the push goes through
     policy = _policy(tok)
     model = policy.module.model
     hf = policy.sample(ROWS[:1], 2, seed=0, first_sample_id=0, first_group_id=0)
@@ -280,6 +290,7 @@ def test_weights_pushed_when_changed_only(tok):
     policy.sample(ROWS[:1], 2, seed=0, first_sample_id=0, first_group_id=0)
     assert gen.weight_pushes == 2 and llm.cache_resets == 2
     assert all(torch.equal(llm.model.loaded[1][k], v) for k, v in model.state_dict().items())
+    assert getattr(llm, "reloads", 0) == (2 if inplace_reload else 0)
 
 
 def test_lora_weights_pushed_merged_base_untouched(tok):

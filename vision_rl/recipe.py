@@ -49,12 +49,16 @@ def load_model(cfg: RunConfig):
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    if m.freeze_vision:
-        hf = model.model if hasattr(model, "model") else model
-        hf.visual.requires_grad_(False)
+    if m.freeze_vision is True:  # 'rl': trained by the warm-up, frozen once RL starts (build)
+        freeze_vision_tower(model)
     if m.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model.to(DTYPES[m.dtype]), processor
+
+
+def freeze_vision_tower(model) -> None:
+    hf = model.model if hasattr(model, "model") else model
+    hf.visual.requires_grad_(False)
 
 
 def box_coder(cfg: RunConfig, model) -> BoxCoder:
@@ -94,7 +98,7 @@ def apply_lora(model, cfg: RunConfig):
 
     lc = cfg.model.lora
     # vision blocks reuse names like up_proj, and "all-linear" would reach them too
-    exclude = r".*\bvisual\b.*" if cfg.model.freeze_vision else None
+    exclude = r".*\bvisual\b.*" if cfg.model.freeze_vision else None  # True or 'rl': not trained in RL
     return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                             target_modules=lc.target_modules, exclude_modules=exclude,
                                             task_type="CAUSAL_LM"))
@@ -108,6 +112,8 @@ def build(cfg: RunConfig, accelerator) -> Components:
     info: dict = {"box_convention": coder.convention}
     if cfg.warmup.enabled:
         info["warmup"] = warm_start(cfg, accelerator, model, lambda m: make_policy(m, processor, cfg), task)
+    if cfg.model.freeze_vision == "rl":
+        freeze_vision_tower(model)
     if cfg.model.lora is not None:
         model = apply_lora(model, cfg)
     return Components(policy=make_policy(model, processor, cfg), task=task, reward=combined_reward(cfg), info=info)

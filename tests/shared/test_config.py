@@ -355,6 +355,15 @@ def test_wrong_type_names_key_and_bad_value(fixed):
     assert "'train.steps'" in msg and "'abc'" in msg and "integer" in msg
 
 
+@pytest.mark.parametrize("value, ok", [("true", True), ("false", False), ("rl", "rl"), ("maybe", None), ("1", None)])
+def test_freeze_vision_is_a_bool_or_rl(fixed, value, ok):
+    if ok is None:
+        msg = _error(load_config, fixed, [f"model.freeze_vision={value}"])
+        assert "'model.freeze_vision'" in msg and "expected true, false or 'rl'" in msg and value in msg
+    else:
+        assert load_config(fixed, [f"model.freeze_vision={value}"]).model.freeze_vision == ok
+
+
 def test_fractional_int_is_rejected(fixed):
     msg = _error(load_config, fixed, ["train.steps=1.5"])
     assert "'train.steps'" in msg and "1.5" in msg

@@ -172,6 +172,17 @@ def test_warmup_then_grpo(tmp_path):
     assert len(_changed(final, warm)) > len(final) // 2  # RL moved on from the warm start
     _assert_finite_metrics(tmp_path / "runs" / "warm", 2)
 
+    # freeze_vision 'rl': the same warm-up (the cached one: it trains the vision tower too), then RL leaves the
+    # vision tower as it is; freeze_vision true: a warm-up that does not train it, cached apart
+    rl_only = merge(d, {"name": "warm_rl", "model": {"freeze_vision": "rl"}})
+    assert _train(rl_only)["warmup"]["cache"] == str(caches[0])
+    final = _saved_weights(_model_dir(tmp_path / "runs" / "warm_rl", 2))
+    changed = _changed(final, warm)
+    assert changed and all(not k.startswith("model.visual.") for k in changed)
+    assert any(k.startswith("model.language_model.") for k in changed)
+    frozen = merge(d, {"name": "warm_frozen", "model": {"freeze_vision": True}})
+    assert _train(frozen)["warmup"]["cache"] != str(caches[0])
+
 
 # ---------------------------------------------------------------- resume
 
