@@ -2,7 +2,8 @@
 
 The warm-up minimises the token-mean NLL of demonstrations (`task.split("sft")`), evaluates the
 task metric on `task.split("val")` every `eval_every` steps, keeps the best weights and stops after
-`patience` evaluations without improvement (or at `max_steps`). The best weights are saved with
+`patience` evaluations without improvement once the metric has improved on the starting model's (or at
+`max_steps`): a model still at its starting score (e.g. accuracy 0 while the loss falls) keeps training. The best weights are saved with
 `save_pretrained` under a directory named by a hash of everything that determines them, so later
 runs (other RL seeds, tests, resumed runs) load the same warm start instead of recomputing it.
 """
@@ -97,7 +98,7 @@ def run_sft(policy, task, wcfg, seed: int, log=print) -> dict:
             if score > best:
                 best, best_step, bad = score, step, 0
                 best_state = copy.deepcopy(policy.module.state_dict())
-            else:
+            elif best_step > 0:  # patience counts from the first improvement: before it nothing has plateaued yet
                 bad += 1
                 if bad >= wcfg.patience:
                     break
