@@ -8,7 +8,8 @@ and wiring with the engine replaced by a stand-in (tests/test_vllm_rollout.py).
 Imported only when the backend is selected (llm_rl/recipe.py). A `VLLMGenerator` holds a `vllm.LLM` for the
 trained model's architecture (its checkpoint's config and tokenizer; the engine starts from placeholder
 weights) on the same GPU, taking `rollout.vllm.gpu_memory_utilization` of the GPU's memory for its weights and
-KV cache (with vLLM's CPU build, on the CPU: environment variable VLLM_CPU_KVCACHE_SPACE sets its KV cache). `CausalLMPolicy._generate` hands it the `generate` call, and for each call it
+KV cache (vLLM's CPU build runs it on the CPU, its KV cache sized by the environment variable
+VLLM_CPU_KVCACHE_SPACE, GiB). `CausalLMPolicy._generate` hands it the `generate` call, and for each call it
 
 1. pushes the policy's current weights into the engine when they changed since the last push (LoRA
    adapters merged into a copy of their base weights, the trained weights untouched) through the workers'

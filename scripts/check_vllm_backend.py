@@ -8,8 +8,8 @@ this script runs the real engine on the quickstart (warm-started tiny Qwen2, ari
 
 1. greedy completions of the held-out prompts from the vLLM engine (after it received the policy's weights)
    against HF `generate` on the same weights: the fraction that are identical;
-2. the policy's weights change (one AdamW step on random targets): the engine gets the new weights (one more push)
-   and greedy completions match HF again;
+2. the policy's weights change (one large AdamW step towards its own samples): the engine gets the new weights (one
+   more push) and greedy completions match HF again;
 3. sampled completions (the run's temperature) from both backends: accuracy and the policy's mean per-token
    log-prob of each backend's samples (the same distribution: equal within sampling noise);
 4. `--steps` GRPO steps of the shared loop with the vLLM backend: held-out accuracy before and after.

@@ -94,8 +94,8 @@ class WarmupConfig(Strict):
     warmup_steps: int = Field(50, ge=0)
     schedule: Literal["constant", "cosine"] = Field("cosine", description="LR decay over max_steps after warm-up")
     eval_every: int = Field(100, gt=0, description="steps between held-out evaluations")
-    patience: int = Field(4, gt=0, description="stop after this many evaluations without improvement, counted once validation "
-                          "has improved on the starting model's score")
+    patience: int = Field(4, gt=0, description="stop after this many evaluations without improvement, counted once "
+                          "validation has improved on the starting model's score")
     cache_dir: str = Field("runs/.cache/sft", description="where warm-started weights are cached")
 
 

@@ -3,9 +3,10 @@
 The warm-up minimises the token-mean NLL of demonstrations (`task.split("sft")`), evaluates the
 task metric on `task.split("val")` every `eval_every` steps, keeps the best weights and stops after
 `patience` evaluations without improvement once the metric has improved on the starting model's (or at
-`max_steps`): a model still at its starting score (e.g. accuracy 0 while the loss falls) keeps training. The best weights are saved with
-`save_pretrained` under a directory named by a hash of everything that determines them, so later
-runs (other RL seeds, tests, resumed runs) load the same warm start instead of recomputing it.
+`max_steps`): a model still at its starting score (e.g. accuracy 0 while the loss falls) keeps training.
+The best weights are saved with `save_pretrained` under a directory named by a hash of everything that
+determines them, so later runs (other RL seeds, tests, resumed runs) load the same warm start instead of
+recomputing it.
 """
 
 from __future__ import annotations

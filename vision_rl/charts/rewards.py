@@ -13,7 +13,7 @@ process with time, memory, file-system and network limits) and is scored from wh
                   colour F1; `metrics.low_level_score`), the held-out headline metric as a reward (not an
                   MSRL reward: an option for runs that optimise that metric directly).
 
-A program that fails, times out or is hostile scores 0 (the failure value) on all three. MSRL's two
+A program that fails, times out or is hostile scores 0 (the failure value) on all of them. MSRL's two
 stages are the config's `rewards[].start_step` (stage 1: chart_exec + chart_text, stage 2 adds
 chart_visual). The three rewards of one step share a `RenderCache`, so each completion runs once, at
 the dpi its row's target was rendered with (the row field `dpi`).
@@ -104,6 +104,18 @@ def executed(run: ChartRun | None) -> bool:
     return run is not None and run.ok and bool(run.facts) and run.facts.get("n_figures", 0) > 0
 
 
+def facts_reward(name: str, field: str, score, cache: RenderCache):
+    """A reward scoring what each program drew against its row's target facts (row field `field`):
+    score(facts, gold_facts) for a program that drew a figure, None (the failure value, counted) otherwise."""
+
+    def reward(completions: list[str], **fields) -> list[float | None]:
+        gold = reward_field(fields, field, len(completions), name)
+        runs = cache.runs(completions, dpis(fields, len(completions), name))
+        return [score(r.facts, g) if executed(r) else None for r, g in zip(runs, gold)]
+
+    return reward
+
+
 @register_reward("chart_exec")
 def chart_exec(wall_s: float = 10.0, memory_mb: int = 1024, workers: int = 2):
     """R_exec: 1 when the program runs in the sandbox and draws a figure."""
@@ -120,15 +132,9 @@ def chart_text(field: str = "gold_facts", weights: dict[str, float] | None = Non
                memory_mb: int = 1024, workers: int = 2):
     """R_text: the rule-based textual reward of the drawn figure against the target's facts; None
     (the failure value, counted) when the program did not draw."""
-    cache = render_cache(wall_s, memory_mb, workers)
     textual_reward({}, {}, weights)  # bad weights fail here, at config time, with the metric's message
-
-    def reward(completions: list[str], **fields) -> list[float | None]:
-        gold = reward_field(fields, field, len(completions), "chart_text")
-        return [textual_reward(r.facts, g, weights) if executed(r) else None
-                for r, g in zip(cache.runs(completions, dpis(fields, len(completions), "chart_text")), gold)]
-
-    return reward
+    return facts_reward("chart_text", field, lambda facts, gold: textual_reward(facts, gold, weights),
+                        render_cache(wall_s, memory_mb, workers))
 
 
 @register_reward("chart_visual")
@@ -152,11 +158,5 @@ def chart_visual(field: str = "target", judge: str = "ssim", wall_s: float = 10.
 def chart_low_level(field: str = "gold_facts", wall_s: float = 10.0, memory_mb: int = 1024, workers: int = 2):
     """ChartMimic's low-level score of the drawn figure against the target's facts, / 100 in [0, 1]; None (the
     failure value, counted) when the program did not draw."""
-    cache = render_cache(wall_s, memory_mb, workers)
-
-    def reward(completions: list[str], **fields) -> list[float | None]:
-        gold = reward_field(fields, field, len(completions), "chart_low_level")
-        runs = cache.runs(completions, dpis(fields, len(completions), "chart_low_level"))
-        return [low_level_score(r.facts, g)["score"] / 100 if executed(r) else None for r, g in zip(runs, gold)]
-
-    return reward
+    return facts_reward("chart_low_level", field, lambda facts, gold: low_level_score(facts, gold)["score"] / 100,
+                        render_cache(wall_s, memory_mb, workers))
